@@ -1,0 +1,142 @@
+"""The ``lnsgd`` command line: thin Typer commands over the library.
+
+Each command parses its arguments, loads and validates the recipe, calls one
+library function, and turns ``LnsgdError`` into one line on stderr and a non-zero
+exit. Exit codes: 1 bad input or failed run, 2 usage, 3 diverged, 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import warnings
+from collections.abc import Callable
+from functools import wraps
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+
+from lnsgd.errors import DivergedError, LnsgdError, RunInterrupted
+
+app = typer.Typer(
+    help="Label-noise SGD experiments: train, build poor minimizers, measure sharpness, plot.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+console = Console()
+err_console = Console(stderr=True)
+
+RecipeArg = Annotated[Path, typer.Argument(help="recipe YAML file, e.g. recipes/quickstart.yaml", show_default=False)]
+OverridesArg = Annotated[
+    Optional[list[str]], typer.Argument(help="key=value overrides of recipe fields, e.g. optim.lr=0.5 seed=1", show_default=False)
+]
+QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="no progress bar")]
+
+
+def fail(message: str, code: int = 1) -> typer.Exit:
+    err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    return typer.Exit(code)
+
+
+def friendly(fn: Callable) -> Callable:
+    """Turn known errors into one clear line and an exit code (the only place that does)."""
+
+    @wraps(fn)
+    def wrapper(*args, **kwargs):
+        def show_warning(message, category, filename, lineno, file=None, line=None):
+            err_console.print(f"[yellow]warning:[/] {message}", highlight=False, soft_wrap=True)
+
+        warnings.showwarning = show_warning
+        try:
+            return fn(*args, **kwargs)
+        except RunInterrupted as e:
+            raise fail(str(e), 130) from None
+        except DivergedError as e:
+            raise fail(str(e), 3) from None
+        except LnsgdError as e:
+            raise fail(str(e)) from None
+        except KeyboardInterrupt:
+            raise fail("interrupted", 130) from None
+
+    return wrapper
+
+
+def _progress(quiet: bool):
+    from lnsgd.track import Progress, RichProgress
+
+    return Progress() if quiet else RichProgress(err_console)
+
+
+@app.command()
+@friendly
+def validate(
+    recipe: RecipeArg,
+    overrides: OverridesArg = None,
+    fields: Annotated[bool, typer.Option("--fields", help="also list every recipe field with its default and meaning")] = False,
+) -> None:
+    """Check a recipe (with overrides) and print it fully resolved."""
+    from lnsgd.recipe import field_help, load_recipe, recipe_to_yaml
+
+    r = load_recipe(recipe, overrides or [])
+    console.print(recipe_to_yaml(r), highlight=False, end="")
+    if fields:
+        from rich.table import Table
+
+        table = Table("field", "default", "meaning", title="recipe fields")
+        for key, default, desc in field_help():
+            table.add_row(key, default, desc)
+        console.print(table)
+    err_console.print(f"[green]ok:[/] {recipe} is a valid recipe", highlight=False)
+
+
+@app.command()
+@friendly
+def train(
+    recipe: RecipeArg,
+    overrides: OverridesArg = None,
+    resume: Annotated[bool, typer.Option("--resume", help="continue the run in its folder from checkpoints/last.pt")] = False,
+    force: Annotated[bool, typer.Option("--force", help="delete an existing run folder of the same name and start over")] = False,
+    out: Annotated[Optional[Path], typer.Option("--out", help="run folder (default: <log.dir>/<name>)")] = None,
+    quiet: QuietOpt = False,
+) -> None:
+    """Run label-noise (or plain) SGD from a recipe into a run folder."""
+    from lnsgd.recipe import load_recipe
+    from lnsgd.train import run_dir_for
+    from lnsgd.train import train as run_train
+
+    r = load_recipe(recipe, overrides or [])
+    if resume and force:
+        raise fail("--resume and --force contradict each other: --resume continues the run, --force deletes it")
+    run_dir = run_dir_for(r, out)
+    sharpness_hook = _sharpness_hook(r)
+    try:
+        summary = run_train(r, run_dir, resume=resume, force=force, progress=_progress(quiet), sharpness_hook=sharpness_hook)
+    except RunInterrupted as e:
+        raise fail(f"{e}: lnsgd train {recipe} {' '.join(overrides or [])} --resume".replace("  ", " "), 130) from None
+    _print_final(summary)
+
+
+def _sharpness_hook(recipe):
+    """Periodic curvature measurements for train, if the recipe asks (filled in by lnsgd.sharpness)."""
+    if recipe.track.sharpness is None:
+        return None
+    from lnsgd.sharpness import training_hook
+
+    return training_hook(recipe)
+
+
+def _print_final(summary: dict) -> None:
+    final = summary.get("final") or {}
+    parts = [f"{k} {final[k]:.4g}" for k in ("train/loss", "train/acc", "test/acc") if isinstance(final.get(k), float)]
+    console.print(f"done: {summary['run_dir']}  ({', '.join(parts)}; {summary['wall_time_s']:.0f}s)", highlight=False)
+
+
+def main() -> None:  # console-script entry point
+    app()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,400 @@
+"""The recipe: one typed, frozen description of a run.
+
+A recipe is YAML on disk, validated once into a frozen ``Recipe`` (pydantic, unknown
+keys forbidden). ``key=value`` overrides from the command line are applied to the
+raw mapping *before* validation, so they are typed by the same schema. Relative
+paths written in a recipe file resolve against that file's folder; paths given as
+overrides resolve against the current directory. Derived quantities (λ, steps per
+epoch, the learning rate at a step) are pure functions below, never stored back.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from lnsgd.errors import LnsgdError
+
+IMAGE_DATASETS = ("cifar10", "cifar100", "mnist", "fashion_mnist", "svhn", "digits")
+DATASETS = (*IMAGE_DATASETS, "mnist1d", "synthetic")
+
+
+class Section(BaseModel):
+    """Base of every recipe section: unknown keys are errors, values are frozen."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+
+
+class SyntheticData(Section):
+    """The `synthetic` regression dataset (no download): y = teacher(x) on Gaussian x."""
+
+    n: int = Field(40, ge=1, description="number of training examples")
+    n_test: int = Field(200, ge=1, description="number of test examples")
+    d: int = Field(100, ge=1, description="input dimension")
+    sparsity: int = Field(5, ge=1, description="non-zeros of the sparse teacher w* (teacher=sparse_linear)")
+    teacher: Literal["sparse_linear", "two_layer"] = Field(
+        "sparse_linear", description="sparse_linear: y=<w*,x> with w* ≥ 0 sparse; two_layer: a random tanh network"
+    )
+    teacher_width: int = Field(4, ge=1, description="hidden units of the two_layer teacher")
+    label_noise_std: float = Field(0.0, ge=0, description="noise added once to the stored training targets")
+    seed: int = Field(0, description="seed of the data and the teacher (independent of the run seed)")
+
+
+class DataConfig(Section):
+    """Which dataset, where it lives, and which deterministic subset is used."""
+
+    name: Literal[DATASETS] = Field(
+        "digits",
+        description="cifar10|cifar100|mnist|fashion_mnist|svhn (torchvision), digits (scikit-learn, offline), "
+        "mnist1d (generated locally), synthetic (regression, see data.synthetic)",
+    )
+    root: str = Field("data", description="folder holding torchvision datasets (relative: to the recipe's folder)")
+    download: bool = Field(False, description="let torchvision download a missing dataset")
+    train_size: int | None = Field(
+        None, ge=1, description="use this many training examples (a fixed subset, the same for every seed); null: all"
+    )
+    test_size: int | None = Field(None, ge=1, description="use this many test examples (a fixed subset); null: all")
+    synthetic: SyntheticData = Field(default_factory=SyntheticData, description="settings of the synthetic dataset")
+
+
+class ModelConfig(Section):
+    """The network. Input shape and number of outputs come from the dataset."""
+
+    name: Literal["resnet18", "cnn", "mlp", "quadratic", "two_layer"] = Field(
+        "mlp",
+        description="resnet18 (CIFAR stem: 3x3 stride-1 conv, no max-pool), cnn (small conv net, 1-D or 2-D), "
+        "mlp (two hidden layers), quadratic (f=<v*v,x>) and two_layer (theory lab)",
+    )
+    norm: Literal["groupnorm", "batchnorm", "none"] | None = Field(
+        None, description="normalization layer; null: the model's default (groupnorm for resnet18, none otherwise)"
+    )
+    group_size: int = Field(16, ge=1, description="channels per group for groupnorm; must divide every layer's width")
+    width: int | None = Field(
+        None, ge=1, description="base width: resnet18 first-stage channels (64), cnn channels (32), mlp hidden units (512)"
+    )
+    init_scale: float = Field(0.1, gt=0, description="quadratic: v0 = init_scale * 1 (alpha in HaoChen et al.)")
+
+
+class AdversarialInit(Section):
+    """Phase 1 of `init-adversarial` (Liu, Papailiopoulos & Achlioptas 2019)."""
+
+    replicas: int = Field(10, ge=1, description="copies of the training set, each with its own random labels")
+    zero_fraction: float = Field(0.1, ge=0, lt=1, description="fraction of pixel locations (or features) zeroed per copy")
+    memorize_acc: float = Field(0.99, gt=0, le=1, description="stop memorizing at this accuracy on the replicated set")
+    memorize_epochs: int = Field(100, ge=1, description="epoch limit of the memorize phase (epochs over the replicated set)")
+    memorize_lr: float | None = Field(None, gt=0, description="learning rate of the memorize phase; null: optim.lr")
+    optimizer: Literal["sgd", "adam"] = Field("sgd", description="optimizer of both phases (the prototype used adam)")
+
+
+class InitConfig(Section):
+    """Where training starts: random initialization or a checkpoint."""
+
+    checkpoint: str | None = Field(None, description="start from this checkpoint's weights (final.pt or last.pt); null: random")
+    stop_loss: float = Field(1e-3, gt=0, description="init-* commands stop once train acc is 100% and train loss is below this")
+    allow_unconverged: bool = Field(False, description="init-* commands exit 0 even if the stop condition was never reached")
+    adversarial: AdversarialInit = Field(default_factory=AdversarialInit, description="settings of init-adversarial")
+
+
+class NoiseConfig(Section):
+    """Label noise, drawn fresh for every example of every step."""
+
+    kind: Literal["flip", "sign", "gaussian", "none"] = Field(
+        "none", description="flip (classification), sign (y±sigma), gaussian (y+N(0,sigma²)), none (plain SGD)"
+    )
+    p: float = Field(0.0, ge=0, lt=1, description="flip: probability of replacing a label by a uniformly random other class")
+    sigma: float = Field(0.0, ge=0, description="sign/gaussian: noise scale")
+
+
+class ScheduleConfig(Section):
+    """Learning-rate schedule over steps; warmup is linear from 0."""
+
+    kind: Literal["constant", "cosine", "step"] = Field("constant", description="constant, cosine (to min_lr), or step")
+    warmup_epochs: float = Field(0.0, ge=0, description="linear warmup length in epochs")
+    min_lr: float = Field(0.0, ge=0, description="cosine: final learning rate")
+    milestones: tuple[int, ...] = Field((), description="step: epochs at which the rate is multiplied by gamma")
+    gamma: float = Field(0.1, gt=0, description="step: multiplicative factor at each milestone")
+
+
+class OptimConfig(Section):
+    """SGD with heavy-ball momentum."""
+
+    lr: float = Field(0.1, gt=0, description="learning rate η")
+    momentum: float = Field(0.0, ge=0, lt=1, description="heavy-ball momentum β")
+    weight_decay: float = Field(0.0, ge=0, description="L2 weight decay")
+    batch_size: int = Field(32, ge=1, description="minibatch size B (examples per step)")
+    full_batch: bool = Field(False, description="one exact full-dataset gradient step per epoch instead of minibatches")
+    chunk_size: int = Field(1024, ge=1, description="examples per chunk when accumulating full-batch gradients/evals")
+    schedule: ScheduleConfig = Field(default_factory=ScheduleConfig, description="learning-rate schedule")
+
+
+class TrainConfig(Section):
+    """How long to train and how often to evaluate and checkpoint."""
+
+    epochs: int = Field(10, ge=1, description="epochs to train (init-fullbatch: maximum GD steps)")
+    eval_every: int = Field(1, ge=1, description="evaluate (one metrics row) every this many epochs")
+    checkpoint_every: int = Field(1, ge=1, description="write checkpoints/last.pt every this many epochs")
+    eval_batch_size: int = Field(2048, ge=1, description="batch size of evaluation passes")
+
+
+class SharpnessTrack(Section):
+    """Curvature measured during training on a fixed subset of the training set."""
+
+    every: int = Field(1, ge=1, description="measure every this many evaluations")
+    examples: int = Field(1000, ge=1, description="first N training examples used for the Hessian")
+    hvps: int = Field(40, ge=4, description="Hessian-vector products per estimate")
+    measures: tuple[Literal["trace", "lambda_max", "trace_gn", "R"], ...] = Field(
+        ("trace",), description="which of trace, lambda_max, trace_gn, R to record"
+    )
+    loss: Literal["expected", "clean"] = Field("expected", description="Hessian of the loss in expectation over the noise, or the clean one")
+
+
+class TrackConfig(Section):
+    """Extra measurements during training."""
+
+    sharpness: SharpnessTrack | None = Field(None, description="periodic curvature measurements; null: none")
+
+
+class WandbConfig(Section):
+    """Weights & Biases mirroring of metrics.jsonl."""
+
+    mode: Literal["disabled", "offline", "online"] = Field("disabled", description="disabled, offline (local folder), online")
+    project: str = Field("lnsgd", description="wandb project")
+    entity: str | None = Field(None, description="wandb entity (user or team)")
+    group: str | None = Field(None, description="wandb group (sweeps set it)")
+    tags: tuple[str, ...] = Field((), description="wandb tags")
+
+
+class LogConfig(Section):
+    """Where run folders go."""
+
+    dir: str = Field("runs", description="parent folder of run folders; the run goes to <dir>/<name>")
+    wandb: WandbConfig = Field(default_factory=WandbConfig, description="wandb settings")
+
+
+class Recipe(Section):
+    """A complete, validated description of one run."""
+
+    name: str = Field("run", min_length=1, description="run name; the run folder is <log.dir>/<name>")
+    seed: int = Field(0, description="seed of initialization, batch order and label noise")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto picks cuda when available")
+    precision: Literal["fp32", "tf32", "bf16"] = Field("fp32", description="training precision (curvature is always fp32+)")
+    compile: Literal["off", "default", "cuda-graphs"] = Field("off", description="torch.compile mode of the training step")
+    data: DataConfig = Field(default_factory=DataConfig, description="dataset")
+    model: ModelConfig = Field(default_factory=ModelConfig, description="network")
+    init: InitConfig = Field(default_factory=InitConfig, description="starting point")
+    loss: Literal["cross_entropy", "mse"] = Field("cross_entropy", description="cross_entropy, or mse = mean of ½‖f−y‖²")
+    noise: NoiseConfig = Field(default_factory=NoiseConfig, description="label noise")
+    optim: OptimConfig = Field(default_factory=OptimConfig, description="optimizer")
+    train: TrainConfig = Field(default_factory=TrainConfig, description="schedule of the run")
+    track: TrackConfig = Field(default_factory=TrackConfig, description="extra measurements")
+    log: LogConfig = Field(default_factory=LogConfig, description="outputs")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Recipe:
+        if self.noise.kind == "flip" and self.loss != "cross_entropy":
+            raise ValueError("noise.kind=flip needs loss=cross_entropy (use sign or gaussian noise with mse)")
+        if self.noise.kind in ("sign", "gaussian") and self.loss != "mse":
+            raise ValueError(f"noise.kind={self.noise.kind} needs loss=mse (use flip noise with cross_entropy)")
+        if self.noise.kind == "flip" and self.noise.p == 0:
+            raise ValueError("noise.kind=flip needs noise.p > 0 (use noise.kind=none for plain SGD)")
+        if self.noise.kind in ("sign", "gaussian") and self.noise.sigma == 0:
+            raise ValueError(f"noise.kind={self.noise.kind} needs noise.sigma > 0 (use noise.kind=none for plain SGD)")
+        if self.data.name == "synthetic" and self.loss != "mse":
+            raise ValueError("data.name=synthetic is regression: set loss=mse")
+        return self
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def _format_validation_error(err: ValidationError, source: str) -> str:
+    parts = []
+    for e in err.errors():
+        loc = ".".join(str(x) for x in e["loc"])
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden":
+            parent = ".".join(str(x) for x in e["loc"][:-1]) or "the top level"
+            msg = f"unknown key (not a field of {parent}; `lnsgd validate` prints every field)"
+        elif e["type"] == "literal_error":
+            msg = f"{msg}, got {e.get('input')!r}"
+        elif "input" in e and not isinstance(e["input"], dict):
+            msg = f"{msg} (got {e['input']!r})"
+        parts.append(f"{loc}: {msg}" if loc else msg)
+    return f"{source}: " + "; ".join(parts)
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """Split ``a.b.c=value`` into (["a","b","c"], value parsed as YAML)."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key or any(not part.isidentifier() for part in key.split(".")):
+        raise LnsgdError(
+            f"malformed override {text!r}: expected key=value with a dotted recipe key, e.g. optim.lr=0.5 or noise.kind=flip"
+        )
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        value = raw
+    return key.split("."), value
+
+
+def apply_overrides(raw: dict, overrides: list[str] | tuple[str, ...]) -> dict:
+    """Return a copy of ``raw`` with each ``key=value`` override set (validation happens later)."""
+    result = _deepcopy(raw)
+    for text in overrides:
+        keys, value = parse_override(text)
+        node = result
+        for k in keys[:-1]:
+            child = node.get(k)
+            if child is None:
+                child = node[k] = {}
+            elif not isinstance(child, dict):
+                raise LnsgdError(f"override {text!r}: {k} is not a section, so it has no field {keys[-1]!r}")
+            node = child
+        node[keys[-1]] = value
+    return result
+
+
+def _deepcopy(raw: Any) -> Any:
+    if isinstance(raw, dict):
+        return {k: _deepcopy(v) for k, v in raw.items()}
+    if isinstance(raw, list):
+        return [_deepcopy(v) for v in raw]
+    return raw
+
+
+def read_yaml(path: Path) -> dict:
+    """Read a recipe file into a mapping, with one-line errors for the usual failures."""
+    if not path.exists():
+        raise LnsgdError(f"recipe {path} does not exist (give the path to a .yaml recipe, e.g. recipes/quickstart.yaml)")
+    if path.is_dir():
+        raise LnsgdError(f"recipe {path} is a folder; give a .yaml recipe file")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark is not None else ""
+        raise LnsgdError(f"recipe {path}{where}: not valid YAML ({getattr(e, 'problem', e)})") from None
+    except UnicodeDecodeError:
+        raise LnsgdError(f"recipe {path} is not a text file") from None
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise LnsgdError(f"recipe {path}: expected a mapping of sections (name, data, model, ...), got {type(raw).__name__}")
+    return raw
+
+
+# Paths inside a recipe that are resolved against the recipe's folder.
+_PATH_FIELDS = (("data", "root"), ("init", "checkpoint"), ("log", "dir"))
+
+
+def _resolve_paths(raw: dict, base: Path) -> dict:
+    out = _deepcopy(raw)
+    for section, key in _PATH_FIELDS:
+        node = out.get(section)
+        if isinstance(node, dict) and isinstance(node.get(key), str):
+            p = Path(node[key]).expanduser()
+            node[key] = str(p if p.is_absolute() else (base / p).resolve())
+    return out
+
+
+def validate_mapping(raw: dict, source: str = "recipe") -> Recipe:
+    try:
+        return Recipe.model_validate(raw)
+    except ValidationError as e:
+        raise LnsgdError(_format_validation_error(e, source)) from None
+
+
+def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
+    """Load, resolve paths of, override and validate a recipe file."""
+    path = Path(path)
+    raw = _resolve_paths(read_yaml(path), path.resolve().parent)
+    # Overrides carry paths relative to where the user typed them.
+    raw = apply_overrides(raw, overrides)
+    raw = _resolve_paths(raw, Path.cwd())
+    return validate_mapping(raw, source=str(path))
+
+
+def recipe_to_dict(recipe: Recipe) -> dict:
+    """Plain, JSON/YAML-safe mapping of a recipe (tuples become lists)."""
+    return recipe.model_dump(mode="json")
+
+
+def recipe_to_yaml(recipe: Recipe) -> str:
+    return yaml.safe_dump(recipe_to_dict(recipe), sort_keys=False)
+
+
+def with_overrides(recipe: Recipe, overrides: list[str] | tuple[str, ...]) -> Recipe:
+    """A new recipe with overrides applied (the original stays frozen and unchanged)."""
+    return validate_mapping(apply_overrides(recipe_to_dict(recipe), overrides), source="recipe")
+
+
+def recipe_from_dict(raw: dict, source: str = "recipe") -> Recipe:
+    return validate_mapping(raw, source)
+
+
+# --------------------------------------------------------------------------- derived values
+
+
+def steps_per_epoch(recipe: Recipe, train_size: int) -> int:
+    """Optimizer steps in one epoch: 1 for full batch, else ⌊n/B⌋ (the last partial batch is dropped)."""
+    if recipe.optim.full_batch:
+        return 1
+    return train_size // recipe.optim.batch_size
+
+
+def lambda_eff(recipe: Recipe) -> float:
+    """λ of the implicit regularizer: ησ²/(B(1−β)) for sign/gaussian noise.
+
+    For flip noise there is no σ; we report η/(B(1−β)), the factor multiplying the
+    noise covariance (Damian et al. 2021, Sec. 3 with momentum, Sec. 5).
+    """
+    o = recipe.optim
+    batch = o.batch_size if not o.full_batch else 1
+    base = o.lr / (batch * (1 - o.momentum))
+    if recipe.noise.kind in ("sign", "gaussian"):
+        return base * recipe.noise.sigma**2
+    if recipe.noise.kind == "flip":
+        return base
+    return 0.0
+
+
+def lr_at(recipe: Recipe, step: int, steps_per_epoch_: int) -> float:
+    """Learning rate used for optimizer step ``step`` (0-based)."""
+    s = recipe.optim.schedule
+    base = recipe.optim.lr
+    epoch = step / max(steps_per_epoch_, 1)
+    warmup_steps = s.warmup_epochs * steps_per_epoch_
+    if warmup_steps > 0 and step < warmup_steps:
+        return base * (step + 1) / warmup_steps
+    if s.kind == "constant":
+        return base
+    if s.kind == "step":
+        return base * s.gamma ** sum(1 for m in s.milestones if epoch >= m)
+    total = recipe.train.epochs * steps_per_epoch_
+    progress = (step - warmup_steps) / max(total - warmup_steps, 1)
+    return s.min_lr + 0.5 * (base - s.min_lr) * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+
+def field_help() -> list[tuple[str, str, str]]:
+    """(dotted key, default, description) for every recipe field, for `lnsgd validate --fields`."""
+    rows: list[tuple[str, str, str]] = []
+
+    def walk(model: type[BaseModel], prefix: str) -> None:
+        for name, f in model.model_fields.items():
+            ann = f.annotation
+            sub = ann if isinstance(ann, type) and issubclass(ann, BaseModel) else None
+            if sub is None:
+                args = getattr(ann, "__args__", ())
+                sub = next((a for a in args if isinstance(a, type) and issubclass(a, BaseModel)), None)
+            if sub is not None and f.default_factory is not None:
+                walk(sub, f"{prefix}{name}.")
+            else:
+                default = f.default if f.default_factory is None else f.default_factory()
+                rows.append((f"{prefix}{name}", repr(default), f.description or ""))
+
+    walk(Recipe, "")
+    return rows

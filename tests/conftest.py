@@ -1,0 +1,69 @@
+"""Shared fixtures: tiny recipes on offline data, and a CLI runner."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+# Never let a test reach the network.
+os.environ["WANDB_MODE"] = "disabled"
+os.environ.setdefault("WANDB_SILENT", "true")
+
+TINY = {
+    "name": "tiny",
+    "seed": 0,
+    "device": "cpu",
+    "data": {"name": "digits", "train_size": 200, "test_size": 100},
+    "model": {"name": "mlp", "width": 16},
+    "loss": "cross_entropy",
+    "noise": {"kind": "flip", "p": 0.2},
+    "optim": {"lr": 0.1, "batch_size": 32},
+    "train": {"epochs": 3, "eval_every": 1, "checkpoint_every": 1},
+}
+
+
+def deep_update(base: dict, extra: dict) -> dict:
+    out = {k: (dict(v) if isinstance(v, dict) else v) for k, v in base.items()}
+    for k, v in extra.items():
+        out[k] = deep_update(out.get(k, {}), v) if isinstance(v, dict) else v
+    return out
+
+
+@pytest.fixture
+def write_recipe(tmp_path: Path):
+    """Write a tiny recipe (TINY updated with ``extra``) whose runs go under tmp_path/runs."""
+
+    def write(extra: dict | None = None, name: str = "recipe.yaml") -> Path:
+        raw = deep_update(TINY, {"log": {"dir": str(tmp_path / "runs")}})
+        raw = deep_update(raw, extra or {})
+        path = tmp_path / name
+        path.write_text(yaml.safe_dump(raw))
+        return path
+
+    return write
+
+
+@pytest.fixture
+def cli():
+    from lnsgd.cli import app
+
+    runner = CliRunner()
+
+    def invoke(*args: str):
+        return runner.invoke(app, [str(a) for a in args], catch_exceptions=False)
+
+    return invoke
+
+
+def one_line_error(result) -> str:
+    """Assert the CLI failed with one clear line and no traceback; return that line."""
+    assert result.exit_code != 0, result.output
+    text = result.output.strip()
+    assert "Traceback" not in text, text
+    lines = [ln for ln in text.splitlines() if ln.strip()]
+    assert lines and lines[-1].startswith("error:"), text
+    return lines[-1]
