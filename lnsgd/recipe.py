@@ -175,6 +175,16 @@ class LogConfig(Section):
     wandb: WandbConfig = Field(default_factory=WandbConfig, description="wandb settings")
 
 
+class TheoryConfig(Section):
+    """Settings of `lnsgd theory` (exact-Hessian checks of Theorem 1; small models only)."""
+
+    steps: int = Field(20000, ge=1, description="SGD steps of each trajectory (label noise, plain, regularized Φ)")
+    eval_every: int = Field(200, ge=1, description="log one metrics row every this many steps")
+    max_params: int = Field(400, ge=1, description="refuse models with more parameters (dense Hessians cost p² memory)")
+    fit_steps: int = Field(0, ge=0, description="full-batch GD steps from the init before the three trajectories (reach an interpolating start)")
+    fit_lr: float | None = Field(None, gt=0, description="learning rate of the fitting phase; null: optim.lr")
+
+
 class Recipe(Section):
     """A complete, validated description of one run."""
 
@@ -192,6 +202,7 @@ class Recipe(Section):
     train: TrainConfig = Field(default_factory=TrainConfig, description="schedule of the run")
     track: TrackConfig = Field(default_factory=TrackConfig, description="extra measurements")
     log: LogConfig = Field(default_factory=LogConfig, description="outputs")
+    theory: TheoryConfig = Field(default_factory=TheoryConfig, description="lnsgd theory settings")
 
     @model_validator(mode="after")
     def _consistent(self) -> Recipe:
@@ -315,7 +326,10 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
     # Overrides carry paths relative to where the user typed them.
     raw = apply_overrides(raw, overrides)
     raw = _resolve_paths(raw, Path.cwd())
-    return validate_mapping(raw, source=str(path))
+    recipe = validate_mapping(raw, source=str(path))
+    # Defaults (data.root, log.dir) are relative to where lnsgd runs; store them absolute so
+    # the run folder's recipe.yaml means the same thing wherever it is read from.
+    return validate_mapping(_resolve_paths(recipe_to_dict(recipe), Path.cwd()), source=str(path))
 
 
 def recipe_to_dict(recipe: Recipe) -> dict:

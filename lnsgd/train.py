@@ -319,6 +319,8 @@ def train(
         if state["phase_done"] and (state["stopped_early"] or state["epoch"] >= p.recipe.train.epochs):
             state.update(phase=state["phase"] + 1, epoch=0, batch=0, phase_done=False, stopped_early=False)
             resumed = None  # the next phase starts with a fresh optimizer
+        else:
+            state["phase_done"] = False  # e.g. train.epochs was raised: keep going
     (run_dir / "recipe.yaml").write_text(recipe_to_yaml(recipe))
 
     sink = MetricsSink(run_dir, recipe.log.wandb, recipe.name, recipe_to_dict(recipe), state["wandb_id"])

@@ -95,7 +95,7 @@ def test_relative_paths_resolve_against_the_recipe_folder(tmp_path: Path):
     r = load_recipe(path)
     assert r.data.root == str(tmp_path / "data")
     assert r.init.checkpoint == str(tmp_path / "runs" / "a" / "final.pt")
-    assert r.log.dir == "runs"  # defaults stay relative to where lnsgd runs
+    assert r.log.dir == str(Path.cwd() / "runs")  # defaults are relative to where lnsgd runs
 
 
 def test_lambda_and_steps_hand_computed(write_recipe):

@@ -1,0 +1,996 @@
+"""Curvature of the training loss: one Hessian-vector operator, estimators on it.
+
+The operator (``hessian_matvec``) is a matrix-free product v ↦ ∇²L(θ)·v of the
+*mean* loss over a fixed set of examples. The estimators below are pure
+functions of any symmetric operator — a callable mapping a flat 1-D tensor of
+length ``dim`` to another, or a dense symmetric 2-D tensor — and a
+``torch.Generator``:
+
+- ``estimate_trace``      tr A by Hutchinson, Hutch++ or XTrace (default)
+- ``lanczos`` / ``top_eigenvalues``   Lanczos with full reorthogonalization
+- ``estimate_R``          Damian, Ma & Lee's regularizer R(θ) by deflated SLQ
+- ``spectral_density``    stochastic Lanczos quadrature nodes and weights
+
+``trace_gauss_newton`` estimates tr G from vector-Jacobian products only, and
+``R_exact`` is the closed form of R from eigenvalues (for tests and theory).
+
+Dtype and device of the random probes: the ``dtype=``/``device=`` keyword if
+given, else the operator's ``.dtype``/``.device`` attribute (``hessian_matvec``
+and dense tensors have them), else float32 on the CPU. Small dense algebra
+(tridiagonal eigenproblems, s×s triangular solves) is done in float64.
+
+Nothing here prints or logs; bad input raises ``LnsgdError`` naming the argument.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Callable, Iterator
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from lnsgd.errors import LnsgdError
+
+Matvec = Callable[[Tensor], Tensor]
+
+__all__ = [
+    "CrossEntropyLoss",
+    "HessianOperator",
+    "LanczosResult",
+    "MSELoss",
+    "REstimate",
+    "RUndefinedError",
+    "R_exact",
+    "SmoothedCrossEntropy",
+    "TraceEstimate",
+    "cross_entropy_loss",
+    "dense_hessian",
+    "estimate_R",
+    "estimate_trace",
+    "flatten_params",
+    "hessian_matvec",
+    "lanczos",
+    "mse_loss",
+    "ritz_pairs",
+    "smoothed_cross_entropy",
+    "spectral_density",
+    "top_eigenvalues",
+    "trace_gauss_newton",
+]
+
+
+# ---------------------------------------------------------------------------
+# Losses. Each carries ``.kind`` so that trace_gauss_newton knows the Hessian of
+# the loss with respect to the model output (softmax covariance or identity).
+# ---------------------------------------------------------------------------
+
+
+class CrossEntropyLoss:
+    """Mean cross-entropy of logits ``(n, C)`` against class indices ``(n,)``."""
+
+    kind = "cross_entropy"
+
+    def __call__(self, logits: Tensor, y: Tensor) -> Tensor:
+        return F.cross_entropy(logits, y)
+
+    def __repr__(self) -> str:
+        return "cross_entropy_loss"
+
+
+class SmoothedCrossEntropy:
+    """The flip-noise expected loss (1−p)·CE(y) + p/(C−1)·Σ_{c≠y} CE(c), batch mean.
+
+    This is the training loss in expectation over label flipping with
+    probability ``p`` to a uniformly random *other* class — the L whose
+    regularized stationary points Damian et al. (2021) characterize. Its Hessian
+    with respect to the logits, diag(p) − p pᵀ, does not depend on the target.
+    """
+
+    kind = "cross_entropy"
+
+    def __init__(self, p: float, num_classes: int):
+        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
+            raise LnsgdError(f"num_classes must be an integer ≥ 2; got {num_classes!r}")
+        if not isinstance(p, (int, float)) or isinstance(p, bool) or not 0.0 <= p <= 1.0:
+            raise LnsgdError(f"flip probability p must be a number in [0, 1]; got {p!r}")
+        self.p = float(p)
+        self.num_classes = num_classes
+
+    def __call__(self, logits: Tensor, y: Tensor) -> Tensor:
+        if logits.ndim != 2 or logits.shape[1] != self.num_classes:
+            raise LnsgdError(
+                f"smoothed_cross_entropy(p={self.p}, num_classes={self.num_classes}) needs "
+                f"logits of shape (n, {self.num_classes}); got {tuple(logits.shape)}"
+            )
+        log_probs = F.log_softmax(logits, dim=1)
+        picked = log_probs.gather(1, y.long().unsqueeze(1)).squeeze(1)
+        others = log_probs.sum(1) - picked
+        per_example = -((1.0 - self.p) * picked + self.p / (self.num_classes - 1) * others)
+        return per_example.mean()
+
+    def __repr__(self) -> str:
+        return f"smoothed_cross_entropy(p={self.p}, num_classes={self.num_classes})"
+
+
+class MSELoss:
+    """Mean over examples of ½‖f − y‖² (not averaged over output dimensions).
+
+    With this scaling the Hessian of the loss with respect to the output is the
+    identity, matching Algorithm 1 of Damian et al. (2021). A trailing output
+    dimension of 1 is squeezed when ``y`` is 1-D.
+    """
+
+    kind = "mse"
+
+    def __call__(self, f: Tensor, y: Tensor) -> Tensor:
+        if f.ndim == 2 and f.shape[1] == 1 and y.ndim == 1:
+            f = f.squeeze(1)
+        if f.shape != y.shape:
+            raise LnsgdError(
+                f"mse_loss needs targets shaped like the outputs {tuple(f.shape)}; "
+                f"got {tuple(y.shape)}"
+            )
+        diff = f - y.to(f.dtype)
+        return 0.5 * diff.pow(2).reshape(diff.shape[0], -1).sum(1).mean()
+
+    def __repr__(self) -> str:
+        return "mse_loss"
+
+
+cross_entropy_loss = CrossEntropyLoss()
+mse_loss = MSELoss()
+
+
+def smoothed_cross_entropy(p: float, num_classes: int) -> SmoothedCrossEntropy:
+    """The expected cross-entropy under label flipping with probability ``p``."""
+    return SmoothedCrossEntropy(p, num_classes)
+
+
+# ---------------------------------------------------------------------------
+# Small helpers: validation, randomness, operators.
+# ---------------------------------------------------------------------------
+
+
+def _check_int(name: str, value: object, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise LnsgdError(f"{name} must be an integer ≥ {minimum}; got {value!r}")
+    return value
+
+
+def _generator(generator: torch.Generator | None) -> torch.Generator:
+    # A fixed default keeps results reproducible; pass your own for fresh draws.
+    if generator is None:
+        return torch.Generator().manual_seed(0)
+    if not isinstance(generator, torch.Generator):
+        raise LnsgdError(f"generator must be a torch.Generator or None; got {type(generator).__name__}")
+    return generator
+
+
+def _rademacher(shape: tuple[int, ...], gen: torch.Generator, dtype, device) -> Tensor:
+    signs = torch.randint(0, 2, shape, generator=gen, device=gen.device)
+    return (2 * signs - 1).to(device=device, dtype=dtype)
+
+
+def _gaussian(shape: tuple[int, ...], gen: torch.Generator, dtype, device) -> Tensor:
+    return torch.randn(shape, generator=gen, device=gen.device).to(device=device, dtype=dtype)
+
+
+class _Operator:
+    """A user matvec (callable or dense tensor) with a known dtype/device and checks."""
+
+    def __init__(self, matvec, dim: int, dtype=None, device=None):
+        self.dim = _check_int("dim", dim, 1)
+        if isinstance(matvec, Tensor):
+            if matvec.shape != (dim, dim):
+                raise LnsgdError(
+                    f"a dense operator must have shape (dim, dim) = ({dim}, {dim}); "
+                    f"got {tuple(matvec.shape)}"
+                )
+            matrix = matvec
+            matvec = lambda v: matrix @ v  # noqa: E731
+            dtype = dtype or matrix.dtype
+            device = device or matrix.device
+        elif not callable(matvec):
+            raise LnsgdError(f"matvec must be a callable or a square tensor; got {type(matvec).__name__}")
+        self.fn = matvec
+        self.dtype = dtype or getattr(matvec, "dtype", None) or torch.float32
+        self.device = torch.device(device or getattr(matvec, "device", None) or "cpu")
+        if not self.dtype.is_floating_point:
+            raise LnsgdError(f"dtype must be a floating-point dtype; got {self.dtype}")
+
+    def __call__(self, v: Tensor) -> Tensor:
+        out = self.fn(v)
+        if not isinstance(out, Tensor) or out.shape != (self.dim,):
+            shape = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
+            raise LnsgdError(f"matvec must return a 1-D tensor of length dim={self.dim}; got {shape}")
+        return out.to(dtype=self.dtype, device=self.device)
+
+    def columns(self, X: Tensor) -> Tensor:
+        """Apply the operator to each column of X (one matvec per column)."""
+        return torch.stack([self(X[:, j]) for j in range(X.shape[1])], dim=1)
+
+
+# ---------------------------------------------------------------------------
+# The Hessian operator of a model's mean loss.
+# ---------------------------------------------------------------------------
+
+_DROPOUT_TYPES = (
+    nn.Dropout,
+    nn.Dropout1d,
+    nn.Dropout2d,
+    nn.Dropout3d,
+    nn.AlphaDropout,
+    nn.FeatureAlphaDropout,
+)
+
+
+def _trainable(model: nn.Module) -> tuple[list[str], list[nn.Parameter]]:
+    if not isinstance(model, nn.Module):
+        raise LnsgdError(f"model must be a torch.nn.Module; got {type(model).__name__}")
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if not named:
+        raise LnsgdError("model has no parameters with requires_grad=True; nothing to differentiate")
+    return [n for n, _ in named], [p for _, p in named]
+
+
+def _refuse_dropout(model: nn.Module) -> None:
+    # Eval mode switches dropout off, but a model that carries dropout was trained
+    # on a different (random) function; measuring its deterministic twin silently
+    # would mislead, and a module that calls F.dropout(training=True) would give
+    # nondeterministic HVPs, which break every Krylov method below.
+    for name, module in model.named_modules():
+        if isinstance(module, _DROPOUT_TYPES) and module.p > 0:
+            raise LnsgdError(
+                f"model has {type(module).__name__}(p={module.p}) at '{name or '<root>'}': dropout "
+                "makes nondeterministic HVPs; set its p=0 (or remove it) before measuring curvature"
+            )
+
+
+@contextlib.contextmanager
+def evaluation_mode(model: nn.Module) -> Iterator[None]:
+    """Put every module in eval mode, then restore each module's own flag."""
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for module, training in modes:
+            module.training = training
+
+
+def _check_data(inputs: Tensor, targets: Tensor, chunk_size: int) -> int:
+    if not isinstance(inputs, Tensor) or not isinstance(targets, Tensor):
+        raise LnsgdError("inputs and targets must be tensors")
+    n = inputs.shape[0] if inputs.ndim else 0
+    if n == 0:
+        raise LnsgdError("inputs must hold at least one example (first dimension ≥ 1)")
+    if targets.shape[0:1] != (n,):
+        raise LnsgdError(
+            f"targets must have one entry per input: inputs have {n}, "
+            f"targets have shape {tuple(targets.shape)}"
+        )
+    _check_int("chunk_size", chunk_size, 1)
+    return n
+
+
+def _to_model(t: Tensor, dtype: torch.dtype, device: torch.device) -> Tensor:
+    # Floating inputs follow the parameters' dtype (float64 models get float64
+    # data); integer inputs and labels keep theirs.
+    if t.is_floating_point():
+        return t.to(device=device, dtype=dtype, non_blocking=True)
+    return t.to(device=device, non_blocking=True)
+
+
+def _no_autocast(device: torch.device):
+    # Curvature is measured in the parameters' own precision, never bf16/fp16.
+    try:
+        return torch.autocast(device_type=device.type, enabled=False)
+    except RuntimeError:
+        return contextlib.nullcontext()
+
+
+def flatten_params(model: nn.Module) -> Tensor:
+    """The trainable parameters, detached and concatenated in ``model.parameters()`` order."""
+    _, params = _trainable(model)
+    return torch.cat([p.detach().reshape(-1) for p in params])
+
+
+class HessianOperator:
+    """v ↦ ∇²L(θ)·v for L the mean of ``loss_fn`` over all ``inputs``.
+
+    Built by ``hessian_matvec``. Each call puts the model in eval mode (BatchNorm
+    uses its running statistics), disables autocast, and restores every module's
+    train/eval flag afterwards. The input vector may have any dtype/device; the
+    product is computed in the parameters' dtype and returned in the input's.
+    ``num_matvecs`` counts calls.
+    """
+
+    def __init__(self, model, loss_fn, inputs, targets, chunk_size: int = 1024):
+        _, self.params = _trainable(model)
+        _refuse_dropout(model)
+        self.n = _check_data(inputs, targets, chunk_size)
+        if not callable(loss_fn):
+            raise LnsgdError(f"loss_fn must be callable; got {type(loss_fn).__name__}")
+        self.model, self.loss_fn = model, loss_fn
+        self.inputs, self.targets, self.chunk_size = inputs, targets, chunk_size
+        self.shapes = [p.shape for p in self.params]
+        self.numels = [p.numel() for p in self.params]
+        self.dim = sum(self.numels)
+        self.dtype = self.params[0].dtype
+        self.device = self.params[0].device
+        self.num_matvecs = 0
+
+    def __call__(self, v: Tensor) -> Tensor:
+        if not isinstance(v, Tensor) or v.shape != (self.dim,):
+            shape = tuple(v.shape) if isinstance(v, Tensor) else type(v).__name__
+            raise LnsgdError(f"the Hessian operator needs a 1-D tensor of length {self.dim}; got {shape}")
+        vs = v.to(device=self.device, dtype=self.dtype).split(self.numels)
+        vs = [piece.view(shape) for piece, shape in zip(vs, self.shapes)]
+        out = [torch.zeros_like(p) for p in self.params]
+        with evaluation_mode(self.model), torch.enable_grad(), _no_autocast(self.device):
+            for start in range(0, self.n, self.chunk_size):
+                stop = min(start + self.chunk_size, self.n)
+                x = _to_model(self.inputs[start:stop], self.dtype, self.device)
+                y = _to_model(self.targets[start:stop], self.dtype, self.device)
+                # Weight each chunk's mean by its share so the sum is the full-batch mean.
+                loss = self.loss_fn(self.model(x), y) * ((stop - start) / self.n)
+                # Double backward: ∇(∇L·v) = ∇²L·v. Works for any norm layer, unlike
+                # some forward-mode rules, at ~4 gradients per product.
+                grads = torch.autograd.grad(loss, self.params, create_graph=True, allow_unused=True)
+                terms = [(g * u).sum() for g, u in zip(grads, vs) if g is not None]
+                dot = sum(terms[1:], terms[0]) if terms else None
+                if dot is None or not dot.requires_grad:
+                    continue  # the loss is (at most) linear in θ on this chunk
+                hv = torch.autograd.grad(dot, self.params, allow_unused=True)
+                for acc, h in zip(out, hv):
+                    if h is not None:
+                        acc.add_(h.detach())
+        self.num_matvecs += 1
+        return torch.cat([o.reshape(-1) for o in out]).to(device=v.device, dtype=v.dtype)
+
+
+def hessian_matvec(model, loss_fn, inputs, targets, chunk_size: int = 1024) -> tuple[HessianOperator, int]:
+    """Matrix-free Hessian of the mean loss over ``inputs``: returns ``(matvec, dim)``.
+
+    ``loss_fn(outputs, targets)`` must return the *mean* over its batch. The data
+    are processed in chunks of ``chunk_size`` examples (memory is bounded by one
+    chunk's double-backward graph), and each chunk's loss is weighted by its
+    length / n, so the product is that of the full-batch mean loss. Parameters
+    with ``requires_grad`` are flattened in ``model.parameters()`` order.
+    Models containing dropout with p > 0 are refused (``LnsgdError``).
+    """
+    op = HessianOperator(model, loss_fn, inputs, targets, chunk_size)
+    return op, op.dim
+
+
+def dense_hessian(model, loss_fn, inputs, targets) -> Tensor:
+    """The exact dense Hessian (dim × dim) of the mean loss, via ``torch.func.hessian``.
+
+    Independent of ``hessian_matvec`` (forward-over-reverse on the whole batch at
+    once), so it serves as the reference in tests. Only for tiny models: memory
+    and time grow as dim².
+    """
+    names, params = _trainable(model)
+    _refuse_dropout(model)
+    _check_data(inputs, targets, 1)
+    dtype, device = params[0].dtype, params[0].device
+    x, y = _to_model(inputs, dtype, device), _to_model(targets, dtype, device)
+    shapes, numels = [p.shape for p in params], [p.numel() for p in params]
+
+    def loss_of(flat: Tensor) -> Tensor:
+        pieces = [t.view(s) for t, s in zip(flat.split(numels), shapes)]
+        out = torch.func.functional_call(model, dict(zip(names, pieces)), (x,))
+        return loss_fn(out, y)
+
+    with evaluation_mode(model), _no_autocast(device):
+        return torch.func.hessian(loss_of)(flatten_params(model))
+
+
+# ---------------------------------------------------------------------------
+# Trace: Hutchinson, Hutch++, XTrace.
+# ---------------------------------------------------------------------------
+
+
+class TraceEstimate(NamedTuple):
+    value: float
+    stderr: float
+    num_matvecs: int
+    method: str
+
+
+_TRACE_MIN_MATVECS = {"hutchinson": 2, "hutchpp": 4, "xtrace": 4}
+_TRACE_WHY = {
+    "hutchinson": "two probes, so that a standard error exists",
+    "hutchpp": "a sketch of one vector plus two residual probes",
+    "xtrace": "two test vectors at two products each, so that a standard error exists",
+}
+
+
+def _mean_and_stderr(samples: Tensor) -> tuple[float, float]:
+    samples = samples.double()
+    return float(samples.mean()), float(samples.std() / math.sqrt(samples.numel()))
+
+
+def estimate_trace(
+    matvec,
+    dim: int,
+    num_matvecs: int,
+    generator: torch.Generator | None = None,
+    method: str = "xtrace",
+    *,
+    dtype: torch.dtype | None = None,
+    device=None,
+) -> TraceEstimate:
+    """Estimate tr A of a symmetric operator from ``num_matvecs`` products.
+
+    Methods:
+    - ``"hutchinson"``: mean of zᵀAz over Rademacher z (Hutchinson 1989).
+    - ``"hutchpp"``: Hutch++ (Meyer, Musco, Musco & Woodruff, SOSA 2021): trace of
+      a rank-m/3 sketch exactly, Hutchinson on the rest.
+    - ``"xtrace"`` (default, the most accurate per product): XTrace (Epperly,
+      Tropp & Webber, SIMAX 2024), the exchangeable version of Hutch++ in which
+      every test vector serves both for the low-rank sketch and, left out in
+      turn, as a Hutchinson probe; with the paper's improved (sphere)
+      normalization and its error estimate, the standard error of the mean of
+      the leave-one-out estimates.
+
+    ``stderr`` is a standard error for all three. ``num_matvecs`` in the result is
+    the number actually spent (XTrace uses an even number, and no method sketches
+    more than ``dim`` vectors).
+    """
+    if method not in _TRACE_MIN_MATVECS:
+        raise LnsgdError(f"method must be one of {sorted(_TRACE_MIN_MATVECS)}; got {method!r}")
+    minimum = _TRACE_MIN_MATVECS[method]
+    if isinstance(num_matvecs, bool) or not isinstance(num_matvecs, int) or num_matvecs < minimum:
+        raise LnsgdError(
+            f"num_matvecs must be an integer ≥ {minimum} for method={method!r} "
+            f"({_TRACE_WHY[method]}); got {num_matvecs!r}"
+        )
+    op = _Operator(matvec, dim, dtype, device)
+    gen = _generator(generator)
+    if method == "hutchinson":
+        return _hutchinson(op, num_matvecs, gen)
+    if method == "hutchpp":
+        return _hutchpp(op, num_matvecs, gen)
+    return _xtrace(op, num_matvecs, gen)
+
+
+def _hutchinson(op: _Operator, m: int, gen) -> TraceEstimate:
+    Z = _rademacher((op.dim, m), gen, op.dtype, op.device)
+    samples = (Z * op.columns(Z)).sum(0)
+    value, stderr = _mean_and_stderr(samples)
+    return TraceEstimate(value, stderr, m, "hutchinson")
+
+
+def _hutchpp(op: _Operator, m: int, gen) -> TraceEstimate:
+    # Meyer et al. (2021), Algorithm 1: a third of the budget sketches range(A),
+    # a third multiplies the orthonormal basis, a third (or more) goes to
+    # Hutchinson on the deflated remainder (I−QQᵀ)A(I−QQᵀ).
+    k = min(m // 3, op.dim)
+    S = _gaussian((op.dim, k), gen, op.dtype, op.device)
+    Q, _ = torch.linalg.qr(op.columns(S))
+    low_rank = float(torch.trace(Q.T @ op.columns(Q)).double())
+    G = _rademacher((op.dim, m - 2 * k), gen, op.dtype, op.device)
+    G = G - Q @ (Q.T @ G)
+    samples = (G * op.columns(G)).sum(0)
+    mean, stderr = _mean_and_stderr(samples)
+    # The sketch part is exact given Q, so the error is that of the residual mean.
+    return TraceEstimate(low_rank + mean, stderr, m, "hutchpp")
+
+
+def _xtrace(op: _Operator, m: int, gen) -> TraceEstimate:
+    # Epperly, Tropp & Webber (2024), Algorithm "XTrace". With s test vectors Ω,
+    # Y = AΩ = QR. Leaving out ω_i, the basis of range(AΩ₋ᵢ) is Q(I − sᵢsᵢᵀ)
+    # with sᵢ ∝ R⁻ᵀeᵢ (the direction in range(Q) orthogonal to every y_j, j≠i),
+    # so all s leave-one-out Hutch++ estimates come from 2s products:
+    #   tᵢ = tr(QᵀAQ) − sᵢᵀHsᵢ + (n−s+1)·uᵢᵀAuᵢ/‖uᵢ‖²,  uᵢ = (I − Pᵢ)ωᵢ,
+    # where H = QᵀAQ and Pᵢ = Q(I − sᵢsᵢᵀ)Qᵀ. ωᵢ is Gaussian and independent of
+    # Pᵢ, so uᵢ/‖uᵢ‖ is uniform on the sphere of the (n−s+1)-dimensional
+    # complement: the normalized quadratic form is unbiased and has lower
+    # variance than a Gaussian one (the paper's improved normalization).
+    n = op.dim
+    s = min(m // 2, n)
+    Om = _gaussian((n, s), gen, op.dtype, op.device)
+    Y = op.columns(Om)
+    Q, R = torch.linalg.qr(Y)
+    Z = op.columns(Q)
+    H = Q.T @ Z
+    H = 0.5 * (H + H.T)  # A is symmetric; the HVP is so up to rounding
+    R64 = R.double()
+    eye = torch.eye(s, dtype=torch.float64, device=R.device)
+    try:
+        Rinv_T = torch.linalg.solve_triangular(R64.T, eye, upper=False)
+    except RuntimeError:
+        Rinv_T = torch.linalg.pinv(R64.T)
+    if not torch.isfinite(Rinv_T).all():
+        # A of rank < s makes R singular; any unit vector in the null directions
+        # serves as sᵢ, and the pseudo-inverse picks the least-norm one.
+        Rinv_T = torch.linalg.pinv(R64.T)
+    S = Rinv_T / Rinv_T.norm(dim=0, keepdim=True).clamp_min(torch.finfo(torch.float64).tiny)
+    S = S.to(op.dtype)
+    W = Q.T @ Om
+    c = (S * W).sum(0)  # cᵢ = sᵢᵀwᵢ
+    coeff = W - S * c  # (I − sᵢsᵢᵀ)wᵢ as columns
+    U = Om - Q @ coeff  # uᵢ = (I − Pᵢ)ωᵢ
+    AU = Y - Z @ coeff  # Auᵢ without further products
+    quad = (U * AU).sum(0).double()
+    norm2 = (U * U).sum(0).double()
+    tr_H = torch.trace(H).double()
+    sHs = (S * (H @ S)).sum(0).double()
+    estimates = tr_H - sHs + (n - s + 1) * quad / norm2.clamp_min(torch.finfo(torch.float64).tiny)
+    value, stderr = _mean_and_stderr(estimates)
+    return TraceEstimate(value, stderr, 2 * s, "xtrace")
+
+
+# ---------------------------------------------------------------------------
+# Lanczos with full reorthogonalization.
+# ---------------------------------------------------------------------------
+
+
+class LanczosResult(NamedTuple):
+    """Output of ``lanczos``: Q (dim × m) has orthonormal columns and QᵀAQ = T,
+    T tridiagonal with diagonal ``alphas`` (m,) and off-diagonal ``betas[:-1]``.
+    ``betas[-1]`` is the norm of the final residual (the coupling to the next,
+    unbuilt vector), which bounds the Ritz residuals. alphas/betas are float64."""
+
+    alphas: Tensor
+    betas: Tensor
+    Q: Tensor
+
+
+def _orthogonalize(w: Tensor, bases: list[Tensor]) -> Tensor:
+    # Classical Gram–Schmidt twice ("twice is enough", Giraud et al. 2005):
+    # keeps the basis orthogonal to working precision, which plain Lanczos
+    # loses as soon as a Ritz value converges (ghost eigenvalues).
+    for _ in range(2):
+        for B in bases:
+            if B.shape[1]:
+                w = w - B @ (B.T @ w)
+    return w
+
+
+def lanczos(
+    matvec,
+    dim: int,
+    num_iters: int,
+    generator: torch.Generator | None = None,
+    *,
+    start: Tensor | None = None,
+    deflate: Tensor | None = None,
+    restart_on_breakdown: bool = True,
+    stop: Callable[[Tensor, Tensor], bool] | None = None,
+    dtype: torch.dtype | None = None,
+    device=None,
+) -> LanczosResult:
+    """Lanczos tridiagonalization with full reorthogonalization (Lanczos 1950;
+    Golub & Van Loan, Matrix Computations, §10.1). One product per iteration.
+
+    ``start``: the starting vector (default Gaussian). ``deflate``: a dim × k
+    orthonormal basis the Krylov space is kept orthogonal to (then this is
+    Lanczos on (I−VVᵀ)A(I−VVᵀ)). On breakdown (an invariant subspace found)
+    the run either stops, or, with ``restart_on_breakdown``, continues from a
+    fresh random vector orthogonal to all previous ones, with a zero coupling in
+    T — so Ritz values stay those of QᵀAQ and the first-component weights used
+    by quadrature are unaffected. At most ``dim`` iterations are run.
+    ``stop(alphas, betas)``, if given, is called after each iteration with the
+    coefficients so far (float64; betas as in ``LanczosResult``) and ends the
+    run when it returns True.
+    """
+    op = matvec if isinstance(matvec, _Operator) else _Operator(matvec, dim, dtype, device)
+    num_iters = min(_check_int("num_iters", num_iters, 1), op.dim)
+    gen = _generator(generator)
+    extra = [] if deflate is None else [deflate.to(op.dtype)]
+    q = _gaussian((op.dim,), gen, op.dtype, op.device) if start is None else start.to(op.device, op.dtype)
+    q = _orthogonalize(q, extra)
+    qnorm = q.norm()
+    if not qnorm > 0:
+        raise LnsgdError("the Lanczos start vector is zero (after deflation)")
+    q = q / qnorm
+    Q = torch.empty((op.dim, num_iters), dtype=op.dtype, device=op.device)
+    alphas: list[float] = []
+    betas: list[float] = []
+    anorm = 0.0
+    eps = torch.finfo(op.dtype).eps
+    for j in range(num_iters):
+        Q[:, j] = q
+        w = op(q)
+        alpha = float(q @ w)
+        w = w - alpha * q
+        if j > 0 and betas[-1] > 0:
+            w = w - betas[-1] * Q[:, j - 1]
+        w = _orthogonalize(w, [Q[:, : j + 1], *extra])
+        beta = float(w.norm())
+        alphas.append(alpha)
+        anorm = max(anorm, abs(alpha) + beta)
+        if j + 1 == num_iters or (stop is not None and stop(torch.tensor(alphas, dtype=torch.float64), torch.tensor([*betas, beta], dtype=torch.float64))):
+            betas.append(beta)
+            break
+        if beta > 10 * op.dim**0.5 * eps * max(anorm, 1e-300):
+            betas.append(beta)
+            q = w / beta
+            continue
+        # Breakdown: the Krylov space is invariant.
+        betas.append(0.0)
+        if not restart_on_breakdown:
+            break
+        q = _orthogonalize(_gaussian((op.dim,), gen, op.dtype, op.device), [Q[:, : j + 1], *extra])
+        if not q.norm() > 0:
+            break
+        q = q / q.norm()
+    m = len(alphas)
+    f64 = dict(dtype=torch.float64, device="cpu")
+    return LanczosResult(torch.tensor(alphas, **f64), torch.tensor(betas, **f64), Q[:, :m])
+
+
+def _tridiagonal(alphas: Tensor, betas: Tensor) -> Tensor:
+    T = torch.diag(alphas)
+    if alphas.numel() > 1:
+        off = betas[: alphas.numel() - 1]
+        T = T + torch.diag(off, 1) + torch.diag(off, -1)
+    return T
+
+
+def ritz_pairs(result: LanczosResult) -> tuple[Tensor, Tensor, Tensor]:
+    """Ritz values (float64, descending), Ritz vectors (dim × m, Q's dtype) and
+    residual norms ‖Av − θv‖ = |β_m·(last entry of T's eigenvector)| (float64)."""
+    theta, Y = torch.linalg.eigh(_tridiagonal(result.alphas, result.betas))
+    theta, Y = theta.flip(0), Y.flip(1)
+    residuals = (result.betas[-1] * Y[-1, :]).abs()
+    vectors = result.Q @ Y.to(device=result.Q.device, dtype=result.Q.dtype)
+    return theta, vectors, residuals
+
+
+def top_eigenvalues(
+    matvec,
+    dim: int,
+    k: int = 1,
+    num_matvecs: int = 30,
+    generator: torch.Generator | None = None,
+    *,
+    dtype: torch.dtype | None = None,
+    device=None,
+) -> Tensor:
+    """The k largest (algebraic) eigenvalues, largest first, as a float64 tensor.
+
+    Ritz values of a ``num_matvecs``-step Lanczos run from a random start with
+    full reorthogonalization (see ``lanczos``). The extreme Ritz values converge
+    first and fast (Kaniel–Paige–Saad bounds), far faster than power iteration.
+    """
+    _check_int("k", k, 1)
+    _check_int("num_matvecs", num_matvecs, 1)
+    if k > num_matvecs or k > dim:
+        raise LnsgdError(f"k must be ≤ num_matvecs ({num_matvecs}) and ≤ dim ({dim}); got k={k}")
+    result = lanczos(matvec, dim, num_matvecs, generator, dtype=dtype, device=device)
+    theta, _, _ = ritz_pairs(result)
+    return theta[:k]
+
+
+# ---------------------------------------------------------------------------
+# R(θ) by deflated stochastic Lanczos quadrature.
+# ---------------------------------------------------------------------------
+
+
+class RUndefinedError(LnsgdError):
+    """η ≥ 2(1+β)/λ_max: the log in R(θ) has a non-positive argument."""
+
+    def __init__(self, message: str, lambda_max: float, bound: float):
+        super().__init__(message)
+        self.lambda_max = lambda_max
+        self.bound = bound
+
+
+class REstimate(NamedTuple):
+    value: float  # R(θ)
+    stderr: float  # standard error of the stochastic (complement) part
+    lambda_max: float  # largest Ritz value of the deflation run
+    num_matvecs: int  # products actually spent
+    num_deflated: int  # eigenpairs treated exactly
+    top_eigenvalues: Tensor  # Ritz values of the deflation run, descending (float64)
+    eta: float
+    momentum: float
+
+
+def _check_eta_momentum(eta, momentum) -> float:
+    if isinstance(eta, bool) or not isinstance(eta, (int, float)) or not math.isfinite(eta) or eta <= 0:
+        raise LnsgdError(f"eta (the learning rate η) must be a finite number > 0; got {eta!r}")
+    if isinstance(momentum, bool) or not isinstance(momentum, (int, float)) or not 0.0 <= momentum < 1.0:
+        raise LnsgdError(f"momentum (β) must be a number in [0, 1); got {momentum!r}")
+    # R = −(1+β)/(2η)·Σ log(1 − η/(2(1+β))·λ) = −1/(4c)·Σ log(1 − cλ), c = η/(2(1+β)).
+    return eta / (2.0 * (1.0 + momentum))
+
+
+def _undefined(eta: float, momentum: float, lambda_max: float) -> RUndefinedError:
+    bound = 2.0 * (1.0 + momentum) / lambda_max
+    return RUndefinedError(
+        f"R(θ) is undefined for eta={eta:g}, momentum={momentum:g}: it needs "
+        f"eta < 2(1+β)/λ_max = {bound:.6g} (λ_max ≈ {lambda_max:.6g}); use a smaller eta",
+        lambda_max,
+        bound,
+    )
+
+
+def _R_of(values: Tensor, c: float) -> Tensor:
+    # −log(1 − cλ)/(4c), elementwise; → λ/4 as c → 0.
+    return -torch.log1p(-c * values) / (4.0 * c)
+
+
+def R_exact(eigenvalues, eta: float, momentum: float = 0.0) -> float:
+    """R(θ) = −(1+β)/(2η)·Σᵢ log(1 − η λᵢ/(2(1+β))) from all Hessian eigenvalues.
+
+    Damian, Ma & Lee (NeurIPS 2021), eq. for R with momentum (β = 0 is plain
+    SGD). Raises ``RUndefinedError`` (an ``LnsgdError``) if η ≥ 2(1+β)/λ_max.
+    """
+    c = _check_eta_momentum(eta, momentum)
+    values = torch.as_tensor(eigenvalues, dtype=torch.float64).reshape(-1)
+    if values.numel() == 0:
+        raise LnsgdError("eigenvalues must hold at least one value")
+    lam_max = float(values.max())
+    if c * lam_max >= 1.0:
+        raise _undefined(eta, momentum, lam_max)
+    return float(_R_of(values, c).sum())
+
+
+# Budget of estimate_R: about 60% on the deflation run, the rest on SLQ probes
+# of _SLQ_STEPS Lanczos steps each. After deflation the remaining spectrum sits
+# away from the log's singularity at 1/c, where f is smooth and a few quadrature
+# nodes are accurate; more, shorter probes then cut the variance most.
+_R_DEFLATION_SHARE = 0.7
+_R_MIN_MATVECS = 10
+
+
+def _r_first_run(num_matvecs: int, dim: int) -> int:
+    return min(dim, max(1, math.ceil(_R_DEFLATION_SHARE * num_matvecs)))
+
+
+def _quadrature_settled(c: float, tol: float) -> Callable[[Tensor, Tensor], bool]:
+    """A Lanczos stop rule: the quadrature e₁ᵀf(T)e₁ changed by ≤ tol (relative)."""
+    previous: list[float] = []
+
+    def stop(alphas: Tensor, betas: Tensor) -> bool:
+        nodes, Y = torch.linalg.eigh(_tridiagonal(alphas, betas))
+        if c * float(nodes.max()) >= 1.0:
+            return True  # undefined; the caller reports it
+        value = float((Y[0, :] ** 2 * _R_of(nodes, c)).sum())
+        settled = bool(previous) and abs(value - previous[-1]) <= tol * abs(value)
+        previous.append(value)
+        return settled
+
+    return stop
+
+
+def _converged(theta: Tensor, residuals: Tensor, tol: float) -> Tensor:
+    scale = float(theta.abs().max()) if theta.numel() else 0.0
+    return residuals <= tol * max(scale, 1e-300)
+
+
+def estimate_R(
+    matvec,
+    dim: int,
+    eta: float,
+    momentum: float = 0.0,
+    num_matvecs: int = 100,
+    generator: torch.Generator | None = None,
+    *,
+    lanczos_result: LanczosResult | None = None,
+    first_run: int | None = None,
+    deflation_tol: float = math.inf,
+    slq_tol: float = 1e-4,
+    slq_max_steps: int = 30,
+    dtype: torch.dtype | None = None,
+    device=None,
+) -> REstimate:
+    """R(θ) = −(1+β)/(2η)·tr log(I − η/(2(1+β))·H) by deflated SLQ.
+
+    R is the implicit regularizer of label-noise SGD (Damian, Ma & Lee, NeurIPS
+    2021); β = ``momentum``. It is tr f(H) with f(λ) = −log(1 − cλ)/(4c),
+    c = η/(2(1+β)), which is ≈ λ/4 on the bulk and blows up as λ → 1/c, so the
+    error of plain stochastic Lanczos quadrature (Ubaru, Chen & Saad, SIMAX 2017)
+    is dominated by the top of the spectrum. Hence deflation (cf. Gambhir, Stathopoulos
+    & Orginos, SISC 2017; Chen & Hallman, 2023):
+
+    1. One Lanczos run from a random start (~60% of ``num_matvecs``, or the
+       given ``lanczos_result``, whose length counts toward the budget). Ritz
+       pairs with residual ≤ ``deflation_tol``·|θ|max are taken as eigenpairs
+       and contribute Σ f(θⱼ) exactly.
+    2. SLQ on the rest: Rademacher probes projected off the deflated subspace,
+       ``slq_steps``-step Lanczos runs reorthogonalized against it, Gaussian
+       quadrature ‖z‖²·Σₖ τₖ² f(θₖ). ``stderr`` is the standard error over probes.
+
+    Raises ``RUndefinedError`` (an ``LnsgdError``) as soon as the largest Ritz value
+    (a lower bound on λ_max) shows η ≥ 2(1+β)/λ_max. Negative eigenvalues are
+    fine: log(1 + c|λ|) is defined.
+    """
+    c = _check_eta_momentum(eta, momentum)
+    if isinstance(num_matvecs, bool) or not isinstance(num_matvecs, int) or num_matvecs < _R_MIN_MATVECS:
+        raise LnsgdError(
+            f"num_matvecs must be an integer ≥ {_R_MIN_MATVECS} for estimate_R "
+            f"(a deflation run plus two quadrature probes); got {num_matvecs!r}"
+        )
+    _check_int("slq_max_steps", slq_max_steps, 1)
+    op = _Operator(matvec, dim, dtype, device)
+    gen = _generator(generator)
+    if lanczos_result is not None:
+        first = lanczos_result
+    else:
+        m1 = _r_first_run(num_matvecs, op.dim) if first_run is None else _check_int("first_run", first_run, 1)
+        if m1 > num_matvecs - 2 and m1 < op.dim:
+            raise LnsgdError(f"first_run ({m1}) must leave ≥ 2 of num_matvecs ({num_matvecs}) for quadrature probes")
+        first = lanczos(op, dim, m1, gen)
+    used = first.alphas.numel()
+    theta, vectors, residuals = ritz_pairs(first)
+    lam_max = float(theta[0])
+    if c * lam_max >= 1.0:
+        raise _undefined(eta, momentum, lam_max)
+
+    keep = _converged(theta, residuals, deflation_tol)
+    if used >= op.dim:
+        keep[:] = True  # the Krylov space is the whole space: T is similar to A
+    deflated = _R_of(theta[keep], c).sum()
+    V = vectors[:, keep.to(vectors.device)]
+    num_deflated = int(keep.sum())
+
+    # SLQ on the complement. Its dimension may be small (tiny models); when
+    # nothing is left there is no stochastic part.
+    remaining_dim = op.dim - num_deflated
+    budget = num_matvecs - used
+    samples: list[float] = []
+    steps = None  # set by the first probe, then fixed so all probes are alike
+    while remaining_dim > 0 and budget > 0:
+        if steps is not None and budget < steps and len(samples) >= 2:
+            break
+        z = _orthogonalize(_rademacher((op.dim,), gen, op.dtype, op.device), [V])
+        z_norm2 = float(z.double().pow(2).sum())
+        if steps is None:
+            # Run the first probe until its Gauss quadrature settles; after deflation
+            # f is smooth on what is left and this takes few steps. Keep enough
+            # budget for at least one more probe of the same length.
+            max_steps = min(remaining_dim, max(1, budget // 2), slq_max_steps)
+            run = lanczos(op, dim, max_steps, gen, start=z, deflate=V, restart_on_breakdown=False,
+                          stop=_quadrature_settled(c, slq_tol))
+            steps = max(1, run.alphas.numel())
+        else:
+            run = lanczos(op, dim, min(steps, budget), gen, start=z, deflate=V, restart_on_breakdown=False)
+        used += run.alphas.numel()
+        budget -= run.alphas.numel()
+        nodes, Y = torch.linalg.eigh(_tridiagonal(run.alphas, run.betas))
+        if c * float(nodes.max()) >= 1.0:
+            # A complement eigenvalue above the deflated top: the first run missed it.
+            raise _undefined(eta, momentum, float(nodes.max()))
+        samples.append(z_norm2 * float((Y[0, :] ** 2 * _R_of(nodes, c)).sum()))
+    if len(samples) >= 2:
+        stochastic, stderr = _mean_and_stderr(torch.tensor(samples))
+    else:
+        stochastic, stderr = (samples[0] if samples else 0.0), (0.0 if remaining_dim == 0 else math.nan)
+    return REstimate(
+        value=float(deflated) + stochastic,
+        stderr=stderr,
+        lambda_max=lam_max,
+        num_matvecs=used,
+        num_deflated=num_deflated,
+        top_eigenvalues=theta,
+        eta=float(eta),
+        momentum=float(momentum),
+    )
+
+
+# ---------------------------------------------------------------------------
+# Spectral density by stochastic Lanczos quadrature.
+# ---------------------------------------------------------------------------
+
+
+def spectral_density(
+    matvec,
+    dim: int,
+    num_matvecs: int,
+    generator: torch.Generator | None = None,
+    *,
+    num_probes: int | None = None,
+    dtype: torch.dtype | None = None,
+    device=None,
+) -> tuple[Tensor, Tensor]:
+    """SLQ estimate of the spectral density (Ghorbani, Krishnan & Xiao, ICML 2019;
+    Ubaru, Chen & Saad, SIMAX 2017): ``(nodes, weights)``, float64, where each
+    probe's Lanczos run contributes its Ritz values with weights τₖ² (squared
+    first components of T's eigenvectors), averaged over probes. Weights sum to
+    1; multiply by ``dim`` for eigenvalue counts. ``num_probes`` defaults to one
+    per 50 products (at least one)."""
+    _check_int("num_matvecs", num_matvecs, 1)
+    if num_probes is None:
+        num_probes = max(1, num_matvecs // 50)
+    _check_int("num_probes", num_probes, 1)
+    if num_probes > num_matvecs:
+        raise LnsgdError(f"num_probes ({num_probes}) must be ≤ num_matvecs ({num_matvecs})")
+    op = _Operator(matvec, dim, dtype, device)
+    gen = _generator(generator)
+    steps = num_matvecs // num_probes
+    nodes, weights = [], []
+    for _ in range(num_probes):
+        z = _rademacher((op.dim,), gen, op.dtype, op.device)
+        run = lanczos(op, dim, steps, gen, start=z, restart_on_breakdown=False)
+        theta, Y = torch.linalg.eigh(_tridiagonal(run.alphas, run.betas))
+        nodes.append(theta)
+        weights.append(Y[0, :] ** 2 / num_probes)
+    return torch.cat(nodes), torch.cat(weights)
+
+
+# ---------------------------------------------------------------------------
+# Gauss–Newton trace from vector-Jacobian products.
+# ---------------------------------------------------------------------------
+
+
+def _loss_kind(loss_fn) -> str:
+    kind = getattr(loss_fn, "kind", None)
+    if kind is None and isinstance(loss_fn, nn.CrossEntropyLoss) and loss_fn.reduction == "mean":
+        kind = "cross_entropy"  # label smoothing leaves the logit Hessian unchanged
+    if kind not in ("cross_entropy", "mse"):
+        raise LnsgdError(
+            "trace_gauss_newton needs a loss with .kind 'cross_entropy' or 'mse' "
+            "(lnsgd.curvature.cross_entropy_loss, smoothed_cross_entropy(p, C) or mse_loss); "
+            f"got {loss_fn!r}"
+        )
+    return kind
+
+
+def trace_gauss_newton(
+    model,
+    loss_fn,
+    inputs,
+    targets,
+    num_samples: int = 100,
+    generator: torch.Generator | None = None,
+    chunk_size: int = 1024,
+) -> TraceEstimate:
+    """tr G for the Gauss–Newton matrix G = (1/n)·Σᵢ Jᵢᵀ Hᵢ Jᵢ, without second derivatives.
+
+    Jᵢ is the Jacobian of example i's output with respect to θ; Hᵢ the Hessian
+    of the loss in the output: diag(pᵢ) − pᵢpᵢᵀ for cross-entropy (also for the
+    label-smoothed loss: it does not depend on the target) and I for mse_loss
+    (½‖f − y‖²). The kind comes from ``loss_fn.kind`` ("cross_entropy" or
+    "mse"; the losses in this module carry it; ``nn.CrossEntropyLoss`` is
+    recognized too).
+
+    Each sample draws sᵢ with Cov(sᵢ) = Hᵢ (cross-entropy: sᵢ = pᵢ − e_c,
+    c ~ softmax(fᵢ); mse: sᵢ ~ N(0, I)) and Rademacher rᵢ, and takes
+    g = Σᵢ rᵢ Jᵢᵀ sᵢ from one backward pass of Σᵢ rᵢ⟨fᵢ, sᵢ⟩ (s detached); then
+    E‖g‖²/n = tr G, since cross terms vanish in expectation (cf. the sampled
+    Gauss–Newton of Martens & Sutskever 2011 and Hutchinson's estimator on
+    JᵀHJ, as in Dangel, Kunstner & Hennig, BackPACK, ICLR 2020). Result:
+    mean over ``num_samples`` with its standard error; ``num_matvecs`` is the
+    number of backward passes over the data.
+    """
+    kind = _loss_kind(loss_fn)
+    _check_int("num_samples", num_samples, 2)
+    names, params = _trainable(model)
+    _refuse_dropout(model)
+    n = _check_data(inputs, targets, chunk_size)
+    gen = _generator(generator)
+    dtype, device = params[0].dtype, params[0].device
+    samples = []
+    with evaluation_mode(model), torch.enable_grad(), _no_autocast(device):
+        for _ in range(num_samples):
+            g = [torch.zeros_like(p) for p in params]
+            for start in range(0, n, chunk_size):
+                stop = min(start + chunk_size, n)
+                out = model(_to_model(inputs[start:stop], dtype, device))
+                m = stop - start
+                if kind == "cross_entropy":
+                    if out.ndim != 2:
+                        raise LnsgdError(f"cross-entropy outputs must be (n, C) logits; got {tuple(out.shape)}")
+                    probs = out.detach().softmax(1)
+                    cls = torch.multinomial(probs.to(gen.device), 1, generator=gen).squeeze(1).to(device)
+                    s = probs - F.one_hot(cls, out.shape[1]).to(probs.dtype)
+                else:
+                    s = _gaussian(tuple(out.shape), gen, out.dtype, device)
+                r = _rademacher((m,), gen, out.dtype, device).view(m, *([1] * (out.ndim - 1)))
+                surrogate = (out * (r * s)).sum()
+                grads = torch.autograd.grad(surrogate, params, allow_unused=True)
+                for acc, gr in zip(g, grads):
+                    if gr is not None:
+                        acc.add_(gr)
+            samples.append(sum(float(x.double().pow(2).sum()) for x in g) / n)
+    value, stderr = _mean_and_stderr(torch.tensor(samples))
+    return TraceEstimate(value, stderr, num_samples, "gauss_newton_sampling")
