@@ -774,6 +774,9 @@ def _final_values(run: Run) -> dict[str, float]:
                 values[key] = number
     if run.summary:
         for key, value in flatten(run.summary).items():
+            # final.* repeats the last metrics row; phases/environment are bookkeeping.
+            if key.startswith(("final.", "phases.", "environment.")):
+                continue
             number = _number(value)
             if number is not None:
                 values[f"summary.{key}"] = number
