@@ -119,11 +119,80 @@ def train(
     _print_final(summary)
 
 
+def _init_command(kind: str, recipe: Path, overrides, resume: bool, force: bool, out, quiet: bool) -> None:
+    from lnsgd.inits import run_init
+    from lnsgd.recipe import load_recipe
+
+    r = load_recipe(recipe, overrides or [])
+    if resume and force:
+        raise fail("--resume and --force contradict each other: --resume continues the run, --force deletes it")
+    try:
+        summary = run_init(kind, r, out, resume=resume, force=force, progress=_progress(quiet), sharpness_hook=_sharpness_hook(r))
+    except RunInterrupted as e:
+        raise fail(f"{e}: lnsgd init-{kind} {recipe} {' '.join(overrides or [])} --resume".replace("  ", " "), 130) from None
+    init = summary["init"]
+    acc = lambda v: f"{100 * v:.2f}%" if isinstance(v, float) else "—"  # noqa: E731
+    console.print(
+        f"init-{kind}: train acc {acc(init['train_acc'])}, test acc {acc(init['test_acc'])}, "
+        f"train loss {init['train_loss']:.3g}; {'stop condition reached' if init['reached'] else 'NOT converged'}",
+        highlight=False, soft_wrap=True,
+    )
+    _print_final(summary)
+    if not init["reached"]:
+        if r.init.allow_unconverged:
+            err_console.print(f"[yellow]warning:[/] {init['warning']}", highlight=False, soft_wrap=True)
+        else:
+            raise fail(init["warning"], 4)
+
+
+ResumeOpt = Annotated[bool, typer.Option("--resume", help="continue the run in its folder from checkpoints/last.pt")]
+ForceOpt = Annotated[bool, typer.Option("--force", help="delete an existing run folder of the same name and start over")]
+OutOpt = Annotated[Optional[Path], typer.Option("--out", help="run folder (default: <log.dir>/<name>)")]
+
+
+@app.command("init-fullbatch")
+@friendly
+def init_fullbatch(recipe: RecipeArg, overrides: OverridesArg = None, resume: ResumeOpt = False, force: ForceOpt = False,
+                   out: OutOpt = None, quiet: QuietOpt = False) -> None:  # fmt: skip
+    """Full-batch gradient descent from random init to a zero-error minimizer (at most train.epochs steps)."""
+    _init_command("fullbatch", recipe, overrides, resume, force, out, quiet)
+
+
+@app.command("init-adversarial")
+@friendly
+def init_adversarial(recipe: RecipeArg, overrides: OverridesArg = None, resume: ResumeOpt = False, force: ForceOpt = False,
+                     out: OutOpt = None, quiet: QuietOpt = False) -> None:  # fmt: skip
+    """Memorize random labels on replicated, partly zeroed data, then fit the true labels: a poorly generalizing minimizer."""
+    _init_command("adversarial", recipe, overrides, resume, force, out, quiet)
+
+
+@app.command()
+@friendly
+def demo(
+    out: Annotated[Path, typer.Option("--out", help="output folder (run folders, demo.png, summary.json)")] = Path("runs/demo"),
+    force: ForceOpt = False,
+    seed: Annotated[int, typer.Option("--seed", help="seed of every stage")] = 0,
+    fullbatch: Annotated[bool, typer.Option("--fullbatch/--no-fullbatch", help="also build and escape a full-batch init")] = True,
+    quick: Annotated[bool, typer.Option("--quick", help="tiny sizes, for a smoke test (numbers mean nothing)")] = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Quickstart: label-noise SGD escaping poor global minimizers on offline data (mnist1d), in minutes on a CPU."""
+    from lnsgd.demo import demo_table, run_demo
+
+    results = run_demo(out, force=force, seed=seed, quick=quick, fullbatch=fullbatch,
+                       progress_factory=lambda: _progress(quiet), console=err_console)  # fmt: skip
+    console.print(demo_table(results))
+    for name, ok in results["checks"].items():
+        mark = "[green]yes[/]" if ok else "[red]no[/]"
+        console.print(f"  {name.replace('_', ' ')}: {mark}")
+    console.print(f"results: {out}/summary.json, figure: {results['figure']}, runs: {out}/*/", highlight=False, soft_wrap=True)
+
+
 def _sharpness_hook(recipe):
     """Periodic curvature measurements for train, if the recipe asks (filled in by lnsgd.sharpness)."""
     if recipe.track.sharpness is None:
         return None
-    from lnsgd.sharpness import training_hook
+    from lnsgd.measure import training_hook
 
     return training_hook(recipe)
 
@@ -131,7 +200,7 @@ def _sharpness_hook(recipe):
 def _print_final(summary: dict) -> None:
     final = summary.get("final") or {}
     parts = [f"{k} {final[k]:.4g}" for k in ("train/loss", "train/acc", "test/acc") if isinstance(final.get(k), float)]
-    console.print(f"done: {summary['run_dir']}  ({', '.join(parts)}; {summary['wall_time_s']:.0f}s)", highlight=False)
+    console.print(f"done: {summary['run_dir']}  ({', '.join(parts)}; {summary['wall_time_s']:.0f}s)", highlight=False, soft_wrap=True)
 
 
 RunsArg = Annotated[list[Path], typer.Argument(help="run folders, or folders containing runs (a sweep)", show_default=False)]

@@ -16,6 +16,7 @@ seeded independently of the run seed, so every seed of a study sees the same dat
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -128,6 +129,7 @@ def _load_digits() -> tuple[torch.Tensor, ...]:
     return x[train], y[train], x[test], y[test]
 
 
+@functools.lru_cache(maxsize=1)  # generation takes seconds; stages of one process share it
 def _load_mnist1d() -> tuple[torch.Tensor, ...]:
     try:
         from mnist1d.data import get_dataset_args, make_dataset

@@ -268,7 +268,7 @@ def train(
     resume: bool = False,
     force: bool = False,
     progress: Progress | None = None,
-    phases: list[Phase] | None = None,
+    phases: list[Phase] | Callable[[Data], list[Phase]] | None = None,
     sharpness_hook: Callable | None = None,
     command: str = "train",
 ) -> dict:
@@ -283,7 +283,7 @@ def train(
     configure_backend(recipe, device)
     autocast = autocast_context(recipe, device)
     data = load(recipe, device)
-    phases = phases or [Phase("train", recipe)]
+    phases = phases(data) if callable(phases) else (phases or [Phase("train", recipe)])
     for ph in phases:
         _check_batch_size(ph.recipe, ph.train_set.n if ph.train_set else len(data.train_x))
 

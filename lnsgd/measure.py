@@ -1,0 +1,78 @@
+"""Sharpness of a recipe's model on its data: the glue between runs and ``lnsgd.sharpness``.
+
+The loss measured is, by default, the training loss in expectation over the recipe's
+label noise (``losses.expected_loss``: label-smoothed cross-entropy for flip noise),
+the L of the theory; ``loss="clean"`` measures the clean loss instead. The Hessian is
+taken over a fixed evaluation subset: the first N training examples, in order, so
+every measurement of a run sees the same examples.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from lnsgd.data import Data
+from lnsgd.errors import LnsgdError
+from lnsgd.losses import clean_loss, expected_loss
+from lnsgd.recipe import Recipe
+from lnsgd.train import model_targets, stream_seed
+
+
+def measured_loss(recipe: Recipe, num_outputs: int, which: str = "expected"):
+    """The loss whose curvature is measured: expected under the recipe's noise, or clean."""
+    if which == "clean":
+        return clean_loss(recipe.loss)
+    return expected_loss(recipe.loss, recipe.noise.kind, recipe.noise.p, recipe.noise.sigma, num_outputs)
+
+
+def evaluation_subset(data: Data, recipe: Recipe, examples: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first ``examples`` training examples, normalized, with loss-ready clean targets."""
+    n = len(data.train_x)
+    if examples <= 0 or examples > n:
+        raise LnsgdError(f"examples={examples} must be between 1 and the training set size ({n})")
+    return data.normalize(data.train_x[:examples]), model_targets(data, data.train_y[:examples], recipe.loss)
+
+
+def sharpness_of_model(model: nn.Module, recipe: Recipe, data: Data, *, measures=("trace",), examples: int = 1000,
+                       hvps: int = 40, which: str = "expected", generator_seed: int = 0, eta: float | None = None,
+                       momentum: float | None = None, top_k: int = 1, skip_undefined_R: bool = True, progress=None) -> dict:  # fmt: skip
+    """Curvature metrics (``sharp/*``) of ``model`` on the recipe's expected (or clean) loss."""
+    from lnsgd.sharpness import measure_sharpness
+
+    inputs, targets = evaluation_subset(data, recipe, min(examples, len(data.train_x)))
+    device = next(model.parameters()).device
+    generator = torch.Generator(device=device).manual_seed(generator_seed)
+    return measure_sharpness(
+        model, measured_loss(recipe, data.num_classes, which), inputs, targets, measures=measures, hvps=hvps, top_k=top_k,
+        eta=recipe.optim.lr if eta is None else eta, momentum=recipe.optim.momentum if momentum is None else momentum,
+        generator=generator, skip_undefined_R=skip_undefined_R, progress=progress,
+    )  # fmt: skip
+
+
+def training_hook(recipe: Recipe, loss_recipe: Recipe | None = None):
+    """A ``sharpness_hook`` for ``train``: measures every ``track.sharpness.every`` epochs.
+
+    ``loss_recipe`` (default: ``recipe``) supplies the noise model of the expected loss, so
+    a plain-SGD control can be measured on the same loss as its label-noise twin.
+    Its generator is seeded from (seed, phase, epoch) alone, so measuring never touches
+    the training generators and a resumed run measures exactly what an uninterrupted one did.
+    """
+    cfg = recipe.track.sharpness
+    loss_recipe = loss_recipe or recipe  # whose noise model defines the expected loss
+    if cfg is None:
+        return None
+    keys = ("sharp/trace_hessian", "sharp/trace_hessian_stderr", "sharp/lambda_max", "sharp/trace_gn", "sharp/R")
+
+    def hook(model: nn.Module, data: Data, phase: str, epoch: int) -> dict:
+        if epoch % cfg.every:
+            return {}
+        result = sharpness_of_model(
+            model, loss_recipe, data, measures=cfg.measures, examples=min(cfg.examples, len(data.train_x)), hvps=cfg.hvps,
+            which=cfg.loss, generator_seed=stream_seed(recipe.seed, f"sharpness:{phase}:{epoch}"),
+        )  # fmt: skip
+        row = {k: result[k] for k in keys if k in result}
+        row["sharp/loss"] = cfg.loss
+        return row
+
+    return hook
