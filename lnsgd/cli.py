@@ -172,7 +172,7 @@ def demo(
     out: Annotated[Path, typer.Option("--out", help="output folder (run folders, demo.png, summary.json)")] = Path("runs/demo"),
     force: ForceOpt = False,
     seed: Annotated[int, typer.Option("--seed", help="seed of every stage")] = 0,
-    fullbatch: Annotated[bool, typer.Option("--fullbatch/--no-fullbatch", help="also build and escape a full-batch init")] = True,
+    fullbatch: Annotated[bool, typer.Option("--fullbatch/--no-fullbatch", help="also build and escape a full-batch GD init (adds several minutes on a CPU)")] = False,
     quick: Annotated[bool, typer.Option("--quick", help="tiny sizes, for a smoke test (numbers mean nothing)")] = False,
     quiet: QuietOpt = False,
 ) -> None:
@@ -186,6 +186,71 @@ def demo(
         mark = "[green]yes[/]" if ok else "[red]no[/]"
         console.print(f"  {name.replace('_', ' ')}: {mark}")
     console.print(f"results: {out}/summary.json, figure: {results['figure']}, runs: {out}/*/", highlight=False, soft_wrap=True)
+
+
+@app.command("measure-sharpness")
+@friendly
+def measure_sharpness(
+    checkpoint: Annotated[Path, typer.Argument(help="a final.pt or checkpoints/last.pt", show_default=False)],
+    eta: Annotated[Optional[float], typer.Option("--eta", help="η of R(θ) (default: the checkpoint's optim.lr)")] = None,
+    momentum: Annotated[Optional[float], typer.Option("--momentum", help="β of R(θ) (default: the checkpoint's optim.momentum)")] = None,
+    examples: Annotated[Optional[int], typer.Option("--examples", help="first N training examples (default: 5000 or all)")] = None,
+    hvps: Annotated[int, typer.Option("--hvps", help="Hessian-vector products per estimate")] = 100,
+    top_k: Annotated[int, typer.Option("--top-k", help="number of top eigenvalues")] = 1,
+    seed: Annotated[int, typer.Option("--seed", help="seed of the random probes")] = 0,
+    loss: Annotated[str, typer.Option("--loss", help="expected (over the recipe's label noise) or clean")] = "expected",
+    measures: Annotated[Optional[list[str]], typer.Option("--measure", help="trace, lambda_max, trace_gn, R (repeatable; default all)")] = None,
+    json_out: Annotated[Optional[Path], typer.Option("--json", help="also write the results as JSON")] = None,
+    density: Annotated[Optional[Path], typer.Option("--density", help="also draw the SLQ spectral density to this PNG")] = None,
+    device: Annotated[str, typer.Option("--device", help="auto, cpu or cuda")] = "auto",
+    quiet: QuietOpt = False,
+) -> None:
+    """tr∇²L, top eigenvalues, tr G and the implicit regularizer R(θ) of a checkpoint."""
+    from lnsgd.measure import measure_checkpoint
+
+    if loss not in ("expected", "clean"):
+        raise fail(f"--loss {loss!r}: expected 'expected' or 'clean'")
+    if device not in ("auto", "cpu", "cuda"):
+        raise fail(f"--device {device!r}: expected auto, cpu or cuda")
+    bar = None
+    if not quiet:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        bar = Progress(TextColumn("[bold]measuring"), BarColumn(), MofNCompleteColumn(), TextColumn("HVPs"), TimeElapsedColumn(),
+                       console=err_console, transient=True)  # fmt: skip
+        task = bar.add_task("hvps", total=None)
+        bar.start()
+    try:
+        result = measure_checkpoint(
+            checkpoint, eta=eta, momentum=momentum, examples=examples, hvps=hvps, top_k=top_k, seed=seed, which=loss,
+            measures=tuple(measures) if measures else ("trace", "lambda_max", "trace_gn", "R"), device=device, density=density,
+            progress=(lambda done, total: bar.update(task, completed=done, total=total)) if bar else None,
+        )  # fmt: skip
+    finally:
+        if bar is not None:
+            bar.stop()
+    from rich.table import Table
+
+    table = Table(title=f"sharpness of {checkpoint} — {result['loss']} loss, {result['examples']} examples, {result['hvps']} HVPs")
+    table.add_column("quantity")
+    table.add_column("value", justify="right")
+    fmt = lambda v, e=None: "—" if v is None else (f"{v:.6g} ± {e:.2g}" if e is not None else f"{v:.6g}")  # noqa: E731
+    table.add_row("tr ∇²L", fmt(result["trace_hessian"], result["trace_hessian_stderr"]))
+    table.add_row("λ_max", fmt(result["lambda_max"]))
+    if result["top_eigenvalues"] and len(result["top_eigenvalues"]) > 1:
+        table.add_row(f"top {len(result['top_eigenvalues'])} eigenvalues", ", ".join(f"{v:.5g}" for v in result["top_eigenvalues"]))
+    table.add_row("tr G (Gauss–Newton)", fmt(result["trace_gn"], result["trace_gn_stderr"]))
+    table.add_row(f"R(θ) at η={result['eta']:g}, β={result['momentum']:g}", fmt(result["R"], result["R_stderr"]))
+    if result["R_bound_eta"]:
+        table.add_row("R defined for η <", f"{result['R_bound_eta']:.4g}")
+    table.add_row("seconds", f"{result['seconds']:.1f}")
+    console.print(table)
+    if json_out is not None:
+        json_out.parent.mkdir(parents=True, exist_ok=True)
+        json_out.write_text(json.dumps(result, indent=2))
+        console.print(f"wrote {json_out}", highlight=False)
+    if density is not None:
+        console.print(f"wrote {result['density']}", highlight=False)
 
 
 def _sharpness_hook(recipe):

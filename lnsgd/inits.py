@@ -113,7 +113,8 @@ def adversarial_phases(recipe: Recipe, data: Data) -> tuple[Recipe, list[Phase]]
         )
     adv = recipe.init.adversarial
     plain = with_overrides(recipe, ["noise.kind=none", "noise.p=0", "noise.sigma=0", "optim.full_batch=false"])
-    memorize = with_overrides(plain, [f"train.epochs={adv.memorize_epochs}", f"optim.lr={adv.memorize_lr or recipe.optim.lr}"])
+    memorize = with_overrides(plain, [f"train.epochs={adv.memorize_epochs}", f"optim.lr={adv.memorize_lr or recipe.optim.lr}",
+                                      f"optim.batch_size={adv.memorize_batch_size or recipe.optim.batch_size}"])
     memorize_rule = lambda row: (row.get("train/acc") or 0.0) >= adv.memorize_acc  # noqa: E731
     return plain, [
         Phase("memorize", memorize, train_set=replicated_set(data, recipe), stop_rule=memorize_rule, optimizer=adv.optimizer),

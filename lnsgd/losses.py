@@ -9,72 +9,114 @@ that is the label-smoothed cross-entropy
 and for ±σ or Gaussian noise with ℓ = ½‖f − y‖² it is the clean loss + kσ²/2
 (k outputs), whose Hessian equals the clean one. Every loss is a mean over the batch
 and carries ``kind`` ("cross_entropy" or "mse") so curvature code can pick the
-right output-space Hessian.
+right output-space Hessian. Half-precision outputs (bf16 autocast) are promoted to
+float32; float64 stays float64 (curvature tests use it).
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch import Tensor
+
+from lnsgd.errors import LnsgdError
 
 
-class CrossEntropy:
-    """Mean cross-entropy of logits against integer labels."""
+def _promote(t: Tensor) -> Tensor:
+    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
+
+class CrossEntropyLoss:
+    """Mean cross-entropy of logits ``(n, C)`` against class indices ``(n,)``."""
 
     kind = "cross_entropy"
 
-    def __call__(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        return F.cross_entropy(logits.float(), labels)
+    def __call__(self, logits: Tensor, y: Tensor) -> Tensor:
+        return F.cross_entropy(_promote(logits), y)
 
     def __repr__(self) -> str:
-        return "CrossEntropy()"
+        return "cross_entropy_loss"
 
 
 class SmoothedCrossEntropy:
-    """E over flip noise of CE: (1−p)·CE(y) + p/(C−1)·Σ_{c≠y} CE(c), mean over the batch."""
+    """The flip-noise expected loss (1−p)·CE(y) + p/(C−1)·Σ_{c≠y} CE(c), batch mean.
+
+    This is the training loss in expectation over label flipping with
+    probability ``p`` to a uniformly random *other* class — the L whose
+    regularized stationary points Damian et al. (2021) characterize. Its Hessian
+    with respect to the logits, diag(p) − p pᵀ, does not depend on the target.
+    """
 
     kind = "cross_entropy"
 
     def __init__(self, p: float, num_classes: int):
-        self.p, self.num_classes = float(p), int(num_classes)
+        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
+            raise LnsgdError(f"num_classes must be an integer ≥ 2; got {num_classes!r}")
+        if not isinstance(p, (int, float)) or isinstance(p, bool) or not 0.0 <= p <= 1.0:
+            raise LnsgdError(f"flip probability p must be a number in [0, 1]; got {p!r}")
+        self.p = float(p)
+        self.num_classes = num_classes
 
-    def __call__(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        logp = torch.log_softmax(logits.float(), dim=-1)
-        ce_true = -logp.gather(-1, labels.unsqueeze(-1)).squeeze(-1)
-        ce_all = -logp.sum(-1)  # Σ_c CE(c)
-        per_example = (1 - self.p) * ce_true + self.p / (self.num_classes - 1) * (ce_all - ce_true)
+    def __call__(self, logits: Tensor, y: Tensor) -> Tensor:
+        if logits.ndim != 2 or logits.shape[1] != self.num_classes:
+            raise LnsgdError(
+                f"smoothed_cross_entropy(p={self.p}, num_classes={self.num_classes}) needs "
+                f"logits of shape (n, {self.num_classes}); got {tuple(logits.shape)}"
+            )
+        log_probs = F.log_softmax(_promote(logits), dim=1)
+        picked = log_probs.gather(1, y.long().unsqueeze(1)).squeeze(1)
+        others = log_probs.sum(1) - picked
+        per_example = -((1.0 - self.p) * picked + self.p / (self.num_classes - 1) * others)
         return per_example.mean()
 
     def __repr__(self) -> str:
-        return f"SmoothedCrossEntropy(p={self.p}, num_classes={self.num_classes})"
+        return f"smoothed_cross_entropy(p={self.p}, num_classes={self.num_classes})"
 
 
-class HalfSquaredError:
-    """Mean over examples of ½‖f − y‖² (summed over outputs)."""
+class MSELoss:
+    """Mean over examples of ½‖f − y‖² (not averaged over output dimensions).
+
+    With this scaling the Hessian of the loss with respect to the output is the
+    identity, matching Algorithm 1 of Damian et al. (2021). A trailing output
+    dimension of 1 is squeezed when ``y`` is 1-D.
+    """
 
     kind = "mse"
 
     def __init__(self, offset: float = 0.0):
-        self.offset = float(offset)  # kσ²/2 for the expected loss under ±σ/Gaussian noise
+        self.offset = float(offset)  # kσ²/2: the expected loss under ±σ/Gaussian noise
 
-    def __call__(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        outputs = outputs.float()
-        targets = targets.to(outputs.dtype).reshape(outputs.shape)
-        return 0.5 * (outputs - targets).pow(2).flatten(1).sum(-1).mean() + self.offset
+    def __call__(self, f: Tensor, y: Tensor) -> Tensor:
+        f = _promote(f)
+        if f.ndim == 2 and f.shape[1] == 1 and y.ndim == 1:
+            f = f.squeeze(1)
+        if f.shape != y.shape:
+            raise LnsgdError(f"mse_loss needs targets shaped like the outputs {tuple(f.shape)}; got {tuple(y.shape)}")
+        diff = f - y.to(f.dtype)
+        return 0.5 * diff.pow(2).reshape(diff.shape[0], -1).sum(1).mean() + self.offset
 
     def __repr__(self) -> str:
-        return f"HalfSquaredError(offset={self.offset})"
+        return f"mse_loss(offset={self.offset})" if self.offset else "mse_loss"
+
+
+cross_entropy_loss = CrossEntropyLoss()
+mse_loss = MSELoss()
+
+
+def smoothed_cross_entropy(p: float, num_classes: int) -> SmoothedCrossEntropy:
+    """The expected cross-entropy under label flipping with probability ``p``."""
+    return SmoothedCrossEntropy(p, num_classes)
+
 
 
 def clean_loss(kind: str):
     """The training loss on clean targets."""
-    return CrossEntropy() if kind == "cross_entropy" else HalfSquaredError()
+    return cross_entropy_loss if kind == "cross_entropy" else mse_loss
 
 
 def expected_loss(kind: str, noise_kind: str, p: float, sigma: float, num_outputs: int):
     """The loss in expectation over the label noise (what the theory calls L)."""
     if kind == "cross_entropy":
-        return SmoothedCrossEntropy(p, num_outputs) if noise_kind == "flip" and p > 0 else CrossEntropy()
+        return SmoothedCrossEntropy(p, num_outputs) if noise_kind == "flip" and p > 0 else cross_entropy_loss
     if noise_kind in ("sign", "gaussian"):
-        return HalfSquaredError(offset=num_outputs * sigma**2 / 2)
-    return HalfSquaredError()
+        return MSELoss(offset=num_outputs * sigma**2 / 2)
+    return mse_loss

@@ -76,3 +76,67 @@ def training_hook(recipe: Recipe, loss_recipe: Recipe | None = None):
         return row
 
     return hook
+
+
+def measure_checkpoint(path, *, eta: float | None = None, momentum: float | None = None, examples: int | None = None,
+                       hvps: int = 100, top_k: int = 1, seed: int = 0, which: str = "expected",
+                       measures=("trace", "lambda_max", "trace_gn", "R"), device: str = "auto", density=None,
+                       progress=None) -> dict:  # fmt: skip
+    """Everything ``lnsgd measure-sharpness`` reports for one checkpoint, as a JSON-ready dict.
+
+    η and β default to the checkpoint's recipe; ``examples`` to the first 5000 training
+    examples (or all if fewer); the loss to the expectation over the recipe's label noise.
+    """
+    import time
+
+    from lnsgd.checkpoint import load_checkpoint
+    from lnsgd.data import load
+    from lnsgd.train import resolve_device
+
+    if eta is not None and eta <= 0:
+        raise LnsgdError(f"--eta {eta}: the learning rate must be > 0")
+    if momentum is not None and not 0 <= momentum < 1:
+        raise LnsgdError(f"--momentum {momentum}: β must be in [0, 1)")
+    dev = resolve_device(device)
+    model, recipe = load_checkpoint(path, device=dev)
+    data = load(recipe, dev)
+    n = len(data.train_x)
+    examples = min(5000, n) if examples is None else examples
+    if examples <= 0 or examples > n:
+        raise LnsgdError(f"--examples {examples}: must be between 1 and the training set size ({n}) of {recipe.data.name}")
+    eta = recipe.optim.lr if eta is None else eta
+    momentum = recipe.optim.momentum if momentum is None else momentum
+    started = time.perf_counter()
+    result = sharpness_of_model(model, recipe, data, measures=measures, examples=examples, hvps=hvps, which=which,
+                                generator_seed=seed, eta=eta, momentum=momentum, top_k=top_k, skip_undefined_R=False,
+                                progress=progress)  # fmt: skip
+    out = {
+        "checkpoint": str(path),
+        "loss": f"{which} ({measured_loss(recipe, data.num_classes, which)!r})",
+        "trace_hessian": result.get("sharp/trace_hessian"),
+        "trace_hessian_stderr": result.get("sharp/trace_hessian_stderr"),
+        "lambda_max": result.get("sharp/lambda_max"),
+        "top_eigenvalues": result.get("sharp/top_eigenvalues"),
+        "trace_gn": result.get("sharp/trace_gn"),
+        "trace_gn_stderr": result.get("sharp/trace_gn_stderr"),
+        "R": result.get("sharp/R"),
+        "R_stderr": result.get("sharp/R_stderr"),
+        "R_bound_eta": 2 * (1 + momentum) / result["sharp/lambda_max"] if result.get("sharp/lambda_max") else None,
+        "eta": eta,
+        "momentum": momentum,
+        "examples": examples,
+        "hvps": result["hvps"],
+        "seed": seed,
+    }
+    if density is not None:
+        from lnsgd import curvature
+        from lnsgd.sharpness import plot_density
+
+        inputs, targets = evaluation_subset(data, recipe, examples)
+        op, dim = curvature.hessian_matvec(model, measured_loss(recipe, data.num_classes, which), inputs, targets)
+        gen = torch.Generator(device=dev).manual_seed(seed)
+        nodes, weights = curvature.spectral_density(op, dim, hvps, gen)
+        out["density"] = str(plot_density(nodes, weights, density, title=f"Hessian spectral density ({which} loss), {path}"))
+        out["hvps"] += hvps
+    out["seconds"] = round(time.perf_counter() - started, 3)
+    return out

@@ -87,6 +87,7 @@ class AdversarialInit(Section):
     memorize_acc: float = Field(0.99, gt=0, le=1, description="stop memorizing at this accuracy on the replicated set")
     memorize_epochs: int = Field(100, ge=1, description="epoch limit of the memorize phase (epochs over the replicated set)")
     memorize_lr: float | None = Field(None, gt=0, description="learning rate of the memorize phase; null: optim.lr")
+    memorize_batch_size: int | None = Field(None, ge=1, description="batch size of the memorize phase; null: optim.batch_size")
     optimizer: Literal["sgd", "adam"] = Field("sgd", description="optimizer of both phases (the prototype used adam)")
 
 

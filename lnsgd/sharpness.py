@@ -1,0 +1,225 @@
+"""Sharpness of a model at its current parameters, as one dict of metrics.
+
+``measure_sharpness`` is what ``lnsgd measure-sharpness`` and the training
+loop's periodic tracking call: it builds the Hessian operator of the loss over
+a fixed evaluation set and runs the estimators of ``lnsgd.curvature`` on it.
+``plot_density`` draws a spectral density from ``curvature.spectral_density``.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from lnsgd import curvature
+from lnsgd.errors import LnsgdError
+
+MEASURES = ("trace", "lambda_max", "trace_gn", "R")
+
+
+class _CountingMatvec:
+    """Wraps an operator to count products and report progress."""
+
+    def __init__(self, op: curvature.HessianOperator, progress, total: int):
+        self.op, self.progress, self.total = op, progress, total
+        self.dtype, self.device, self.dim = op.dtype, op.device, op.dim
+        self.count = 0  # HVPs
+        self.done = 0  # HVPs + tr G samples
+
+    def __call__(self, v: Tensor) -> Tensor:
+        out = self.op(v)
+        self.count += 1
+        self.tick()
+        return out
+
+    def tick(self) -> None:
+        """One unit of work done: an HVP or a tr G sample."""
+        self.done += 1
+        if self.progress is not None:
+            self.progress(min(self.done, self.total), self.total)
+
+
+def _lanczos_length(hvps: int, top_k: int, dim: int) -> int:
+    # λ_max alone converges in ~20 products (DESIGN.md); a few more per extra
+    # eigenvalue asked for.
+    return min(dim, hvps, max(30, 3 * top_k))
+
+
+def measure_sharpness(
+    model: nn.Module,
+    loss_fn: Callable[[Tensor, Tensor], Tensor],
+    inputs: Tensor,
+    targets: Tensor,
+    *,
+    measures: Sequence[str] = MEASURES,
+    hvps: int = 100,
+    top_k: int = 1,
+    eta: float | None = None,
+    momentum: float = 0.0,
+    generator: torch.Generator,
+    chunk_size: int = 1024,
+    progress: Callable[[int, int], None] | None = None,
+    skip_undefined_R: bool = False,
+    gn_samples: int | None = None,
+    trace_method: str = "xtrace",
+) -> dict:
+    """Curvature of the mean of ``loss_fn`` over ``(inputs, targets)`` at the model's θ.
+
+    measures: any of "trace" (tr∇²L by ``trace_method``, default XTrace),
+        "lambda_max" (top ``top_k`` eigenvalues by Lanczos), "trace_gn" (tr G from
+        VJPs, needs a loss with ``.kind``) and "R" (R(θ) for learning rate
+        ``eta`` and ``momentum`` by deflated SLQ).
+    hvps: Hessian-vector products per estimator. When R is measured, its
+        deflation Lanczos run (70% of ``hvps``) also yields λ_max and the top
+        eigenvalues, so they cost nothing extra; otherwise they get their own run
+        of min(hvps, max(30, 3·top_k)) products.
+    gn_samples: samples for tr G (default hvps/4). Each is one forward and C
+        backward passes (C classes, up to 32) or one (mse), over the examples.
+    skip_undefined_R: if η ≥ 2(1+β)/λ_max, record ``sharp/R`` as None instead
+        of raising the ``LnsgdError`` (for tracking during training).
+    progress: called as progress(done, total) after every HVP or tr G sample
+        (each counts one unit); ``total`` is the planned count, and the last call
+        has done == total.
+
+    A ``torch.compile``d model is measured through its eager module (compiled
+    graphs have no double backward). The model runs in eval mode (each
+    module's train/eval flag is restored), with autocast off, in float64 if its
+    parameters are float64 and float32 otherwise (a float32 copy is made of a
+    bf16/fp16 model). Returns a dict with
+    ``sharp/trace_hessian``, ``sharp/trace_hessian_stderr``, ``sharp/lambda_max``,
+    ``sharp/top_eigenvalues`` (list, largest first), ``sharp/trace_gn``,
+    ``sharp/trace_gn_stderr``, ``sharp/R``, ``sharp/R_stderr`` (only those
+    measured), plus ``hvps`` (products spent), ``examples`` and ``seconds``.
+    """
+    measures = _check_measures(measures)
+    curvature._check_int("hvps", hvps, 10 if "R" in measures else 4)
+    curvature._check_int("top_k", top_k, 1)
+    if gn_samples is None:
+        gn_samples = max(hvps // 4, 2)
+    curvature._check_int("gn_samples", gn_samples, 2)
+    if "R" in measures:
+        if eta is None:
+            raise LnsgdError("eta (the learning rate η) is required to measure R(θ); pass eta=… or drop 'R'")
+        curvature._check_eta_momentum(eta, momentum)
+    if not isinstance(generator, torch.Generator):
+        raise LnsgdError(f"generator must be a torch.Generator; got {type(generator).__name__}")
+
+    model = _measurable(curvature.uncompiled(model))
+    started = time.perf_counter()
+    op, dim = curvature.hessian_matvec(model, loss_fn, inputs, targets, chunk_size)
+    eigen_iters = curvature._r_first_run(hvps, dim) if "R" in measures else _lanczos_length(hvps, top_k, dim)
+    wants_eigen = "lambda_max" in measures or "R" in measures
+    if wants_eigen and top_k > eigen_iters:
+        raise LnsgdError(f"top_k ({top_k}) must be ≤ the Lanczos run length ({eigen_iters}); raise hvps or lower top_k")
+    total = (
+        (hvps if "R" in measures else eigen_iters if wants_eigen else 0)
+        + (hvps if "trace" in measures else 0)
+        + (gn_samples if "trace_gn" in measures else 0)
+    )
+    matvec = _CountingMatvec(op, progress, total)
+    result: dict = {}
+
+    with curvature.evaluation_mode(model):
+        if wants_eigen:
+            # One Lanczos run serves λ_max, the top eigenvalues and R's deflation.
+            first = curvature.lanczos(matvec, dim, eigen_iters, generator)
+            theta, _, _ = curvature.ritz_pairs(first)
+            result["sharp/lambda_max"] = float(theta[0])
+            result["sharp/top_eigenvalues"] = [float(t) for t in theta[:top_k]]
+            if "R" in measures:
+                try:
+                    r = curvature.estimate_R(matvec, dim, eta, momentum, hvps, generator, lanczos_result=first)
+                    result["sharp/R"], result["sharp/R_stderr"] = r.value, r.stderr
+                except curvature.RUndefinedError:
+                    if not skip_undefined_R:
+                        raise
+                    result["sharp/R"], result["sharp/R_stderr"] = None, None
+        if "trace" in measures:
+            tr = curvature.estimate_trace(matvec, dim, hvps, generator, method=trace_method)
+            result["sharp/trace_hessian"] = tr.value
+            result["sharp/trace_hessian_stderr"] = tr.stderr
+        hvp_count = matvec.count
+        op.release()  # free the cached gradient graph before tr G builds its own
+        if "trace_gn" in measures:
+            gn = curvature.trace_gauss_newton(
+                model, loss_fn, inputs, targets, gn_samples, generator, chunk_size, on_sample=matvec.tick
+            )
+            result["sharp/trace_gn"] = gn.value
+            result["sharp/trace_gn_stderr"] = gn.stderr
+    if progress is not None:
+        progress(total, total)
+    result["hvps"] = hvp_count
+    result["examples"] = int(inputs.shape[0])
+    result["seconds"] = time.perf_counter() - started
+    return result
+
+
+def _check_measures(measures: Sequence[str]) -> tuple[str, ...]:
+    if isinstance(measures, str):
+        measures = (measures,)
+    measures = tuple(measures)
+    unknown = [m for m in measures if m not in MEASURES]
+    if unknown or not measures:
+        raise LnsgdError(f"measures must be a non-empty subset of {list(MEASURES)}; got {list(measures)}")
+    return measures
+
+
+def _measurable(model: nn.Module) -> nn.Module:
+    # Curvature in bf16/fp16 is noise: a half-precision model is measured through a
+    # float32 copy (the caller's model is left untouched).
+    params = [p for p in model.parameters() if p.requires_grad]
+    if params and params[0].dtype not in (torch.float32, torch.float64):
+        return copy.deepcopy(model).float()
+    return model
+
+
+def plot_density(
+    nodes: Tensor,
+    weights: Tensor,
+    path: str | Path,
+    title: str | None = None,
+    *,
+    sigma: float | None = None,
+    num_points: int = 1000,
+) -> Path:
+    """Save the spectral density Σⱼ wⱼ·N(x; θⱼ, σ²) on a log-y axis to ``path``.
+
+    ``nodes``/``weights`` come from ``curvature.spectral_density``; the Gaussian
+    broadening (Ghorbani, Krishnan & Xiao 2019) defaults to σ = 1% of the node
+    range. Uses matplotlib's Agg canvas directly, so no global backend is set.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    nodes = torch.as_tensor(nodes, dtype=torch.float64).reshape(-1).cpu()
+    weights = torch.as_tensor(weights, dtype=torch.float64).reshape(-1).cpu()
+    if nodes.numel() == 0 or nodes.shape != weights.shape:
+        raise LnsgdError(f"nodes and weights must be non-empty and of equal length; got {nodes.numel()} and {weights.numel()}")
+    lo, hi = float(nodes.min()), float(nodes.max())
+    if sigma is None:
+        sigma = 0.01 * (hi - lo) if hi > lo else max(abs(hi), 1.0) * 1e-3
+    if not sigma > 0:
+        raise LnsgdError(f"sigma must be > 0; got {sigma!r}")
+    grid = torch.linspace(lo - 5 * sigma, hi + 5 * sigma, num_points, dtype=torch.float64)
+    z = (grid[:, None] - nodes[None, :]) / sigma
+    density = (weights[None, :] * torch.exp(-0.5 * z**2)).sum(1) / (sigma * (2 * torch.pi) ** 0.5)
+    floor = float(density.max()) * 1e-12  # keep the log axis finite
+
+    fig = Figure(figsize=(6, 4))
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    ax.semilogy(grid.numpy(), density.clamp_min(floor).numpy())
+    ax.set_xlabel("eigenvalue")
+    ax.set_ylabel("density")
+    if title:
+        ax.set_title(title)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=150)
+    return path

@@ -1,0 +1,518 @@
+"""Curvature operators and estimators against exact references.
+
+References: dense Hessians of tiny float64 models (``torch.func.hessian``),
+dense Gauss–Newton matrices from per-example Jacobians, and dense matrices
+with a known spectrum Q·diag(λ)·Qᵀ. Seeds are fixed, so every number checked
+here is deterministic; the tolerances are the accuracy the estimators claim.
+"""
+
+from __future__ import annotations
+
+import statistics
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lnsgd import curvature as cv
+from lnsgd.errors import LnsgdError
+from lnsgd.sharpness import measure_sharpness, plot_density
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    # Tiny models: thread start-up costs more than it saves, and on a shared
+    # 2-core machine oversubscription made each HVP ~15x slower.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def mlp(d: int = 6, h: int = 12, out: int = 3, norm: str = "none") -> nn.Module:
+    layers: list[nn.Module] = [nn.Linear(d, h)]
+    if norm == "groupnorm":
+        layers.append(nn.GroupNorm(3, h))
+    elif norm == "batchnorm":
+        layers.append(nn.BatchNorm1d(h))
+    layers += [nn.Tanh(), nn.Linear(h, h), nn.Tanh(), nn.Linear(h, out)]
+    return nn.Sequential(*layers).double()
+
+
+def init_(model: nn.Module, g: torch.Generator, scale: float = 1.0) -> nn.Module:
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(scale * torch.randn(p.shape, generator=g, dtype=p.dtype) / p.shape[-1] ** 0.5)
+    return model
+
+
+def teacher_data(n: int, d: int, out: int, kind: str, g: torch.Generator):
+    x = torch.randn(n, d, generator=g, dtype=torch.float64)
+    w = torch.randn(d, out, generator=g, dtype=torch.float64)
+    y = (x @ w).argmax(1) if kind == "cross_entropy" else (x @ w).tanh()
+    return x, y
+
+
+def fit(model, loss_fn, x, y, steps: int) -> nn.Module:
+    opt = torch.optim.Adam(model.parameters(), lr=0.01)
+    for _ in range(steps):
+        opt.zero_grad()
+        loss_fn(model(x), y).backward()
+        opt.step()
+    return model
+
+
+@pytest.fixture(scope="module")
+def trained():
+    """A tanh MLP (279 parameters) fit for 100 Adam steps to 96 teacher-labelled
+    points: partway to a minimizer, so its Hessian has outliers, a bulk and a few
+    small negative eigenvalues, like the networks the tool measures."""
+    g = gen(0)
+    model = init_(mlp(), g)
+    x, y = teacher_data(96, 6, 3, "cross_entropy", g)
+    fit(model, cv.cross_entropy_loss, x, y, steps=100)
+    H = cv.dense_hessian(model, cv.cross_entropy_loss, x, y)
+    eigenvalues = torch.linalg.eigvalsh(H)
+    op, dim = cv.hessian_matvec(model, cv.cross_entropy_loss, x, y)
+    return dict(model=model, x=x, y=y, H=H, eigenvalues=eigenvalues, op=op, dim=dim)
+
+
+def known_spectrum(dim: int = 300, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """Q·diag(λ)·Qᵀ with a power-law decay and a few small negative eigenvalues."""
+    g = gen(seed)
+    Q, _ = torch.linalg.qr(torch.randn(dim, dim, generator=g, dtype=torch.float64))
+    lam = 10.0 * torch.arange(1, dim + 1, dtype=torch.float64) ** -1.2
+    lam[-10:] = -0.02 * torch.arange(1, 11, dtype=torch.float64)
+    return (Q * lam) @ Q.T, lam.sort(descending=True).values
+
+
+# --------------------------------------------------------------------------- losses
+
+
+def test_losses_carry_their_kind_and_match_torch():
+    g = gen(2)
+    logits = torch.randn(7, 4, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 4, (7,), generator=g)
+    assert cv.cross_entropy_loss.kind == "cross_entropy"
+    assert cv.mse_loss.kind == "mse"
+    assert torch.allclose(cv.cross_entropy_loss(logits, y), F.cross_entropy(logits, y))
+    # Smoothed CE = CE against soft targets (1-p on y, p/(C-1) elsewhere).
+    p = 0.2
+    soft = torch.full((7, 4), p / 3, dtype=torch.float64)
+    soft[torch.arange(7), y] = 1 - p
+    smoothed = cv.smoothed_cross_entropy(p, 4)
+    assert smoothed.kind == "cross_entropy"
+    assert torch.allclose(smoothed(logits, y), F.cross_entropy(logits, soft))
+    assert torch.allclose(cv.smoothed_cross_entropy(0.0, 4)(logits, y), F.cross_entropy(logits, y))
+    # MSE: ½‖f−y‖² per example, mean over examples; (n,1) outputs squeeze to 1-D targets.
+    f = torch.randn(7, 1, generator=g, dtype=torch.float64)
+    t = torch.randn(7, generator=g, dtype=torch.float64)
+    assert torch.allclose(cv.mse_loss(f, t), 0.5 * ((f.squeeze(1) - t) ** 2).mean())
+    f2, t2 = torch.randn(7, 3, generator=g), torch.randn(7, 3, generator=g)
+    assert torch.allclose(cv.mse_loss(f2, t2), 0.5 * ((f2 - t2) ** 2).sum(1).mean())
+
+
+def test_loss_helpers_reject_bad_input():
+    with pytest.raises(LnsgdError, match="p must be"):
+        cv.smoothed_cross_entropy(1.5, 10)
+    with pytest.raises(LnsgdError, match="num_classes"):
+        cv.smoothed_cross_entropy(0.2, 1)
+    with pytest.raises(LnsgdError, match="shape"):
+        cv.smoothed_cross_entropy(0.2, 10)(torch.zeros(3, 4), torch.zeros(3, dtype=torch.long))
+    with pytest.raises(LnsgdError, match="mse_loss"):
+        cv.mse_loss(torch.zeros(3, 2), torch.zeros(3))
+
+
+# --------------------------------------------------------------------------- operator
+
+
+@pytest.mark.parametrize("norm", ["none", "groupnorm", "batchnorm"])
+def test_hessian_matvec_in_chunks_equals_dense_hessian(norm):
+    g = gen(3)
+    model = init_(mlp(d=5, h=6, norm=norm), g)
+    if norm == "batchnorm":
+        bn = model[1]
+        bn.running_mean.copy_(torch.randn(6, generator=g, dtype=torch.float64))
+        bn.running_var.copy_(torch.rand(6, generator=g, dtype=torch.float64) + 0.5)
+    x, y = teacher_data(23, 5, 3, "cross_entropy", g)
+    model.train()  # the operator must measure in eval mode and put this back
+    buffers = [b.clone() for b in model.buffers()]
+    H = cv.dense_hessian(model, cv.cross_entropy_loss, x, y)
+    op, dim = cv.hessian_matvec(model, cv.cross_entropy_loss, x, y, chunk_size=7)
+    assert dim == sum(p.numel() for p in model.parameters()) == H.shape[0]
+    assert torch.allclose(H, H.T, atol=1e-12)
+    for _ in range(3):
+        v = torch.randn(dim, generator=g, dtype=torch.float64)
+        torch.testing.assert_close(op(v), H @ v, rtol=0, atol=1e-10)
+    assert all(m.training for m in model.modules())
+    for before, after in zip(buffers, model.buffers(), strict=True):
+        assert torch.equal(before, after)  # eval-mode BatchNorm leaves running stats alone
+
+
+def test_cached_graph_is_rebuilt_after_an_in_place_update():
+    g = gen(9)
+    model = init_(mlp(d=4, h=5), g)
+    x, y = teacher_data(12, 4, 3, "cross_entropy", g)
+    op, dim = cv.hessian_matvec(model, cv.cross_entropy_loss, x, y)  # one chunk: cached
+    assert op.cache_graph
+    v = torch.randn(dim, generator=g, dtype=torch.float64)
+    torch.testing.assert_close(op(v), cv.dense_hessian(model, cv.cross_entropy_loss, x, y) @ v, rtol=0, atol=1e-12)
+    with torch.no_grad():
+        model[0].weight.mul_(1.5)  # what an optimizer step does
+    torch.testing.assert_close(op(v), cv.dense_hessian(model, cv.cross_entropy_loss, x, y) @ v, rtol=0, atol=1e-12)
+
+
+def test_compiled_models_are_measured_through_their_eager_module():
+    g = gen(10)
+    model = init_(mlp(d=4, h=5), g)
+    x, y = teacher_data(12, 4, 3, "cross_entropy", g)
+    compiled = torch.compile(model, backend="aot_eager")  # no double backward through this
+    op, dim = cv.hessian_matvec(compiled, cv.cross_entropy_loss, x, y)
+    v = torch.randn(dim, generator=g, dtype=torch.float64)
+    torch.testing.assert_close(op(v), cv.dense_hessian(model, cv.cross_entropy_loss, x, y) @ v, rtol=0, atol=1e-12)
+
+
+def test_hessian_matvec_matches_a_hand_computed_hessian():
+    # Linear regression, mean ½(wᵀx − y)²: the Hessian is XᵀX/n, exactly.
+    g = gen(4)
+    x = torch.randn(10, 3, generator=g, dtype=torch.float64)
+    y = torch.randn(10, generator=g, dtype=torch.float64)
+    model = nn.Linear(3, 1, bias=False).double()
+    op, dim = cv.hessian_matvec(model, cv.mse_loss, x, y, chunk_size=3)
+    torch.testing.assert_close(torch.stack([op(e) for e in torch.eye(dim, dtype=torch.float64)]), x.T @ x / 10)
+
+
+def test_hessian_operator_converts_dtype_and_respects_frozen_parameters():
+    g = gen(5)
+    model = init_(mlp(d=4, h=5), g)
+    model[0].weight.requires_grad_(False)
+    x, y = teacher_data(9, 4, 3, "cross_entropy", g)
+    op, dim = cv.hessian_matvec(model, cv.cross_entropy_loss, x, y)
+    assert dim == sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert cv.flatten_params(model).shape == (dim,)
+    v = torch.randn(dim, generator=g)
+    assert op(v).dtype == torch.float32  # answered in the caller's dtype
+    with torch.no_grad():  # works even when the caller disabled autograd
+        torch.testing.assert_close(op(v.double()), cv.dense_hessian(model, cv.cross_entropy_loss, x, y) @ v.double())
+
+
+def test_models_with_dropout_are_refused():
+    model = nn.Sequential(nn.Linear(3, 4), nn.Dropout(0.1), nn.Linear(4, 2))
+    x, y = torch.randn(5, 3), torch.randint(0, 2, (5,))
+    with pytest.raises(LnsgdError, match="nondeterministic HVPs"):
+        cv.hessian_matvec(model, cv.cross_entropy_loss, x, y)
+    with pytest.raises(LnsgdError, match="nondeterministic HVPs"):
+        cv.trace_gauss_newton(model, cv.cross_entropy_loss, x, y)
+    model[1].p = 0.0
+    cv.hessian_matvec(model, cv.cross_entropy_loss, x, y)  # p=0 is harmless
+
+
+def test_operator_input_is_validated():
+    model = nn.Linear(3, 2)
+    x, y = torch.randn(5, 3), torch.randint(0, 2, (5,))
+    with pytest.raises(LnsgdError, match="targets"):
+        cv.hessian_matvec(model, cv.cross_entropy_loss, x, y[:4])
+    with pytest.raises(LnsgdError, match="chunk_size"):
+        cv.hessian_matvec(model, cv.cross_entropy_loss, x, y, chunk_size=0)
+    op, dim = cv.hessian_matvec(model, cv.cross_entropy_loss, x, y)
+    with pytest.raises(LnsgdError, match="length 8"):
+        op(torch.zeros(dim + 1))
+
+
+# --------------------------------------------------------------------------- trace
+
+
+def test_xtrace_is_within_one_percent_at_100_hvps_and_beats_hutchinson(trained):
+    # Many seeds on the dense Hessian (the HVP operator equals it to 1e-10, see
+    # above); test_measure_sharpness repeats one estimate through real HVPs.
+    exact = float(trained["eigenvalues"].sum())
+    errors = {}
+    for method in ("xtrace", "hutchinson"):
+        errors[method] = statistics.median(
+            abs(cv.estimate_trace(trained["H"], trained["dim"], 100, gen(s), method=method).value - exact) / exact
+            for s in range(10)
+        )
+    assert errors["xtrace"] < 0.01
+    assert errors["xtrace"] < errors["hutchinson"] / 3
+
+
+def test_trace_methods_on_a_known_spectrum_with_calibrated_stderr():
+    A, lam = known_spectrum()
+    exact = float(lam.sum())
+    for method in ("hutchinson", "hutchpp", "xtrace"):
+        estimates = [cv.estimate_trace(A, 300, 60, gen(s), method=method) for s in range(8)]
+        assert all(e.method == method and e.num_matvecs == 60 for e in estimates)
+        # The reported standard error describes the actual error.
+        z = [abs(e.value - exact) / e.stderr for e in estimates]
+        assert max(z) < 4.5, (method, z)
+    default = cv.estimate_trace(A, 300, 100, gen(0))
+    assert default.method == "xtrace" and abs(default.value - exact) / exact < 0.01
+    # Callables and dense tensors are interchangeable.
+    same = cv.estimate_trace(lambda v: A @ v, 300, 100, gen(0), dtype=torch.float64)
+    assert same.value == pytest.approx(default.value, rel=1e-12)
+
+
+def test_trace_sketch_larger_than_dim_is_exact():
+    A, lam = known_spectrum(dim=20)
+    est = cv.estimate_trace(A, 20, 60, gen(0))
+    assert est.num_matvecs == 40  # no more than dim test vectors
+    assert est.value == pytest.approx(float(lam.sum()), rel=1e-10)
+
+
+@pytest.mark.parametrize(("method", "minimum"), [("hutchinson", 2), ("hutchpp", 4), ("xtrace", 4)])
+def test_trace_refuses_too_few_matvecs(method, minimum):
+    A, _ = known_spectrum(dim=30)
+    with pytest.raises(LnsgdError, match=f"num_matvecs must be an integer ≥ {minimum}"):
+        cv.estimate_trace(A, 30, minimum - 1, gen(0), method=method)
+    cv.estimate_trace(A, 30, minimum, gen(0), method=method)
+
+
+def test_trace_refuses_bad_method_and_shapes():
+    A, _ = known_spectrum(dim=30)
+    with pytest.raises(LnsgdError, match="method must be one of"):
+        cv.estimate_trace(A, 30, 10, method="girard")
+    with pytest.raises(LnsgdError, match="shape"):
+        cv.estimate_trace(A, 31, 10)
+    with pytest.raises(LnsgdError, match="length dim=30"):
+        cv.estimate_trace(lambda v: v[:-1], 30, 10)
+
+
+# --------------------------------------------------------------------------- eigenvalues
+
+
+def test_lambda_max_to_1e_4_in_30_hvps(trained):
+    lam = trained["eigenvalues"]
+    for seed in range(3):
+        top = cv.top_eigenvalues(trained["op"], trained["dim"], k=1, num_matvecs=30, generator=gen(seed))
+        assert abs(float(top[0]) - float(lam[-1])) / float(lam[-1]) < 1e-4
+
+
+def test_top_k_on_a_known_spectrum_and_lanczos_invariants():
+    A, lam = known_spectrum()
+    top = cv.top_eigenvalues(A, 300, k=5, num_matvecs=60, generator=gen(0))
+    assert top.dtype == torch.float64 and top.shape == (5,)
+    torch.testing.assert_close(top, lam[:5], rtol=1e-8, atol=0)
+    alphas, betas, Q = cv.lanczos(A, 300, 40, gen(0))
+    assert alphas.shape == betas.shape == (40,) and Q.shape == (300, 40)
+    torch.testing.assert_close(Q.T @ Q, torch.eye(40, dtype=torch.float64), atol=1e-12, rtol=0)
+    T = torch.diag(alphas) + torch.diag(betas[:-1], 1) + torch.diag(betas[:-1], -1)
+    torch.testing.assert_close(Q.T @ A @ Q, T, atol=1e-10, rtol=0)
+
+
+def test_lanczos_restarts_on_breakdown_to_find_repeated_eigenvalues():
+    # Three distinct eigenvalues: a Krylov space from one start has dimension 3.
+    Q, _ = torch.linalg.qr(torch.randn(12, 12, generator=gen(6), dtype=torch.float64))
+    lam = torch.tensor([5.0] * 4 + [2.0] * 4 + [1.0] * 4, dtype=torch.float64)
+    top = cv.top_eigenvalues((Q * lam) @ Q.T, 12, k=4, num_matvecs=12, generator=gen(0))
+    torch.testing.assert_close(top, torch.full((4,), 5.0, dtype=torch.float64))
+
+
+def test_top_eigenvalues_validates_k():
+    A, _ = known_spectrum(dim=30)
+    with pytest.raises(LnsgdError, match="k must be"):
+        cv.top_eigenvalues(A, 30, k=10, num_matvecs=5)
+
+
+# --------------------------------------------------------------------------- R(θ)
+
+
+def test_R_exact_closed_form_limits_and_momentum():
+    lam = torch.tensor([3.0, 1.0, 0.5, -0.2], dtype=torch.float64)
+    eta = 0.4
+    by_hand = -1 / (2 * eta) * sum(torch.log(1 - eta / 2 * lam)).item()
+    assert cv.R_exact(lam, eta) == pytest.approx(by_hand, rel=1e-14)
+    # η → 0: R → tr∇²L / 4.
+    assert cv.R_exact(lam, 1e-8) == pytest.approx(float(lam.sum()) / 4, rel=1e-6)
+    # Momentum β acts as η/(1+β) in R: −(1+β)/(2η)·tr log(I − η/(2(1+β))·H).
+    assert cv.R_exact(lam, 0.9, momentum=0.8) == pytest.approx(cv.R_exact(lam, 0.5), rel=1e-14)
+    with pytest.raises(cv.RUndefinedError, match="undefined"):
+        cv.R_exact(lam, 2 / 3.0)
+
+
+@pytest.mark.parametrize("momentum", [0.0, 0.9])
+@pytest.mark.parametrize("half_eta_lambda", [0.5, 0.95])
+def test_R_within_two_percent_at_100_hvps(trained, momentum, half_eta_lambda):
+    lam = trained["eigenvalues"]
+    eta = half_eta_lambda * 2 * (1 + momentum) / float(lam[-1])
+    exact = cv.R_exact(lam, eta, momentum)
+    estimates = [cv.estimate_R(trained["H"], trained["dim"], eta, momentum, 100, gen(s)) for s in range(10)]
+    assert all(e.num_matvecs <= 100 for e in estimates)
+    assert statistics.median(abs(e.value - exact) / exact for e in estimates) < 0.02
+    assert estimates[0].lambda_max == pytest.approx(float(lam[-1]), rel=1e-6)
+
+
+def test_R_on_a_known_spectrum_beats_undeflated_quadrature():
+    A, lam = known_spectrum(dim=400)
+    eta = 0.95 * 2 / float(lam[0])
+    exact = cv.R_exact(lam, eta)
+    deflated = [abs(cv.estimate_R(A, 400, eta, 0.0, 100, gen(s)).value - exact) / exact for s in range(6)]
+    # Plain SLQ (no deflation: the first run is one probe's worth of budget).
+    plain = [
+        abs(cv.estimate_R(A, 400, eta, 0.0, 100, gen(s), first_run=1, slq_max_steps=10).value - exact) / exact for s in range(6)
+    ]
+    assert statistics.median(deflated) < 0.02
+    assert statistics.median(deflated) < statistics.median(plain) / 3
+
+
+def test_R_is_exact_when_the_krylov_space_fills_the_space():
+    A, lam = known_spectrum(dim=40)
+    est = cv.estimate_R(A, 40, 0.5 * 2 / float(lam[0]), 0.0, 60, gen(0))
+    assert est.num_deflated == 40 and est.stderr == 0.0
+    assert est.value == pytest.approx(cv.R_exact(lam, 0.5 * 2 / float(lam[0])), rel=1e-10)
+
+
+def test_R_refuses_bad_eta_momentum_and_budget():
+    A, lam = known_spectrum(dim=50)
+    bound = 2 / float(lam[0])
+    with pytest.raises(LnsgdError, match="eta"):
+        cv.estimate_R(A, 50, 0.0)
+    with pytest.raises(LnsgdError, match="eta"):
+        cv.estimate_R(A, 50, -0.1)
+    with pytest.raises(LnsgdError, match=r"momentum \(β\) must be a number in \[0, 1\)"):
+        cv.estimate_R(A, 50, 0.1, momentum=1.0)
+    with pytest.raises(LnsgdError, match="momentum"):
+        cv.estimate_R(A, 50, 0.1, momentum=-0.1)
+    with pytest.raises(LnsgdError, match="num_matvecs must be an integer ≥ 10"):
+        cv.estimate_R(A, 50, 0.1, num_matvecs=9)
+    with pytest.raises(cv.RUndefinedError) as info:
+        cv.estimate_R(A, 50, 1.01 * bound, num_matvecs=30, generator=gen(0))
+    assert "R(θ) is undefined" in str(info.value) and f"{bound:.6g}" in str(info.value)
+    assert info.value.bound == pytest.approx(bound, rel=1e-8)
+    # With momentum the bound is 2(1+β)/λ_max: the same η is then fine.
+    cv.estimate_R(A, 50, 1.01 * bound, momentum=0.9, num_matvecs=30, generator=gen(0))
+
+
+# --------------------------------------------------------------------------- Gauss–Newton
+
+
+def dense_gauss_newton_trace(model, x, kind: str) -> float:
+    """(1/n)·Σᵢ tr(Jᵢᵀ Hᵢ Jᵢ) from per-example Jacobians."""
+    names = [n for n, p in model.named_parameters()]
+    params = {n: p.detach() for n, p in model.named_parameters()}
+
+    def output(p, xi):
+        return torch.func.functional_call(model, p, (xi.unsqueeze(0),)).squeeze(0)
+
+    jac = torch.func.vmap(torch.func.jacrev(output), in_dims=(None, 0))(params, x)
+    J = torch.cat([jac[n].reshape(x.shape[0], -1, params[n].numel()) for n in names], dim=2)
+    if kind == "mse":
+        return float((J**2).sum() / x.shape[0])
+    p = model(x).softmax(1).detach()
+    Hs = torch.diag_embed(p) - p[:, :, None] * p[:, None, :]
+    return float(torch.einsum("nkd,nkl,nld->", J, Hs, J) / x.shape[0])
+
+
+@pytest.mark.parametrize(
+    ("loss", "per_class"), [("cross_entropy", None), ("cross_entropy", False), ("smoothed", None), ("mse", None)]
+)
+def test_trace_gauss_newton_matches_dense_jacobians(loss, per_class):
+    g = gen(7)
+    model = init_(mlp(d=5, h=8), g, scale=1.5)
+    kind = "mse" if loss == "mse" else "cross_entropy"
+    x, y = teacher_data(30, 5, 3, kind, g)
+    loss_fn = {"cross_entropy": cv.cross_entropy_loss, "smoothed": cv.smoothed_cross_entropy(0.2, 3), "mse": cv.mse_loss}[loss]
+    exact = dense_gauss_newton_trace(model, x, kind)
+    est = cv.trace_gauss_newton(
+        model,
+        loss_fn,
+        x,
+        y,
+        num_samples=300 if per_class is False or loss == "mse" else 60,
+        generator=gen(0),
+        chunk_size=8,
+        per_class=per_class,
+    )
+    assert est.stderr < 0.1 * exact  # the check below has teeth
+    assert abs(est.value - exact) < 4 * est.stderr, (est, exact)
+
+
+def test_trace_gauss_newton_needs_a_loss_kind():
+    model = nn.Linear(3, 2)
+    x, y = torch.randn(5, 3), torch.randint(0, 2, (5,))
+    with pytest.raises(LnsgdError, match="kind"):
+        cv.trace_gauss_newton(model, lambda f, t: F.cross_entropy(f, t), x, y)
+
+
+# --------------------------------------------------------------------------- density
+
+
+def test_spectral_density_is_a_probability_measure_on_the_spectrum(tmp_path):
+    A, lam = known_spectrum()
+    nodes, weights = cv.spectral_density(A, 300, 80, gen(0), num_probes=4)
+    assert nodes.shape == weights.shape == (80,)
+    assert float(weights.sum()) == pytest.approx(1.0, rel=1e-10)
+    assert float(nodes.max()) <= float(lam[0]) + 1e-9 and float(nodes.min()) >= float(lam[-1]) - 1e-9
+    # Gauss quadrature with 20 nodes is exact for polynomials of degree < 40, so the
+    # density's moments are those of the probes: Σ w·θᵏ = mean over probes of zᵀAᵏz / dim.
+    g = gen(0)
+    Z = torch.stack([cv._rademacher((300,), g, torch.float64, "cpu") for _ in range(4)], dim=1)
+    for k in (1, 2, 5):
+        moment = float((Z * (torch.linalg.matrix_power(A, k) @ Z)).sum() / (4 * 300))
+        assert float((weights * nodes**k).sum()) == pytest.approx(moment, rel=1e-8)
+    path = plot_density(nodes, weights, tmp_path / "density.png", "known spectrum")
+    assert path.stat().st_size > 1000
+
+
+# --------------------------------------------------------------------------- measure_sharpness
+
+
+def test_measure_sharpness_agrees_with_the_references(trained):
+    model, x, y, lam = trained["model"], trained["x"], trained["y"], trained["eigenvalues"]
+    model.train()
+    calls = []
+    eta = 0.5 * 2 / float(lam[-1])
+    out = measure_sharpness(
+        model,
+        cv.cross_entropy_loss,
+        x,
+        y,
+        hvps=100,
+        top_k=3,
+        eta=eta,
+        generator=gen(0),
+        chunk_size=40,
+        progress=lambda done, total: calls.append((done, total)),
+    )
+    assert model.training
+    assert out["sharp/trace_hessian"] == pytest.approx(float(lam.sum()), rel=0.01)
+    assert out["sharp/lambda_max"] == pytest.approx(float(lam[-1]), rel=1e-6)
+    assert out["sharp/top_eigenvalues"] == pytest.approx(lam.flip(0)[:3].tolist(), rel=1e-4)
+    assert out["sharp/R"] == pytest.approx(cv.R_exact(lam, eta), rel=0.02)
+    exact_gn = dense_gauss_newton_trace(model, x, "cross_entropy")
+    assert abs(out["sharp/trace_gn"] - exact_gn) < 4 * out["sharp/trace_gn_stderr"]
+    assert 150 <= out["hvps"] <= 200 and out["examples"] == 96 and out["seconds"] > 0
+    assert calls[-1][0] == calls[-1][1] and len(calls) >= out["hvps"]
+
+
+def test_measure_sharpness_with_undefined_R():
+    g = gen(8)
+    model = init_(mlp(d=4, h=5), g)
+    x, y = teacher_data(20, 4, 3, "cross_entropy", g)
+    kwargs = dict(measures=("R",), hvps=20, eta=1e3, generator=gen(0))
+    with pytest.raises(LnsgdError, match="R\\(θ\\) is undefined"):
+        measure_sharpness(model, cv.cross_entropy_loss, x, y, **kwargs)
+    out = measure_sharpness(model, cv.cross_entropy_loss, x, y, skip_undefined_R=True, **kwargs)
+    assert out["sharp/R"] is None and out["sharp/lambda_max"] > 2 / 1e3
+    with pytest.raises(LnsgdError, match="eta"):
+        measure_sharpness(model, cv.cross_entropy_loss, x, y, measures=("R",), generator=gen(0))
+    with pytest.raises(LnsgdError, match="measures"):
+        measure_sharpness(model, cv.cross_entropy_loss, x, y, measures=("flatness",), generator=gen(0))
+
+
+def test_measure_sharpness_in_float32_and_through_a_float32_copy_of_bf16(trained):
+    lam = trained["eigenvalues"]
+    x, y = trained["x"].float(), trained["y"]
+    for dtype in (torch.float32, torch.bfloat16):
+        model = mlp().to(dtype)
+        model.load_state_dict({k: v.to(dtype) for k, v in trained["model"].state_dict().items()})
+        out = measure_sharpness(model, cv.cross_entropy_loss, x, y, measures=("trace", "lambda_max"), hvps=100, generator=gen(0))
+        assert next(model.parameters()).dtype == dtype  # the caller's model is untouched
+        rel = 0.02 if dtype == torch.float32 else 0.2  # bf16 weights are themselves ~0.4% off
+        assert out["sharp/trace_hessian"] == pytest.approx(float(lam.sum()), rel=rel)
+        assert out["sharp/lambda_max"] == pytest.approx(float(lam[-1]), rel=rel)
+        assert "sharp/R" not in out and "sharp/trace_gn" not in out
