@@ -253,6 +253,21 @@ def measure_sharpness(
         console.print(f"wrote {result['density']}", highlight=False)
 
 
+@app.command()
+@friendly
+def theory(recipe: RecipeArg, overrides: OverridesArg = None, force: ForceOpt = False, quiet: QuietOpt = False) -> None:
+    """Check Theorem 1 with exact Hessians: label-noise SGD, plain SGD and GD on L + λR from one start."""
+    from lnsgd.recipe import load_recipe
+    from lnsgd.theory import run_theory, summary_table
+    from lnsgd.train import run_dir_for
+
+    r = load_recipe(recipe, overrides or [])
+    summary = run_theory(r, run_dir_for(r), force=force, progress=_progress(quiet))
+    console.print(summary_table(summary))
+    console.print(f"done: {summary['run_dir']}  (theory.png, metrics.jsonl, summary.json; {summary['wall_time_s']:.0f}s)",
+                  highlight=False, soft_wrap=True)  # fmt: skip
+
+
 def _sharpness_hook(recipe):
     """Periodic curvature measurements for train, if the recipe asks (filled in by lnsgd.sharpness)."""
     if recipe.track.sharpness is None:

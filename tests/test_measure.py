@@ -1,0 +1,139 @@
+"""lnsgd measure-sharpness and sharpness tracked during training, against dense Hessians."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+
+import pytest
+import torch
+
+from lnsgd import curvature
+from lnsgd.checkpoint import load_checkpoint
+from lnsgd.data import load
+from lnsgd.errors import RunInterrupted
+from lnsgd.measure import evaluation_subset, measured_loss
+from lnsgd.recipe import load_recipe
+from lnsgd.track import Progress, read_jsonl
+from lnsgd.train import train
+
+from .conftest import one_line_error
+
+SMALL = {"model": {"width": 8}, "data": {"train_size": 120, "test_size": 50}, "train": {"epochs": 3}}
+
+
+@pytest.fixture
+def small_ckpt(write_recipe, tmp_path):
+    recipe = load_recipe(write_recipe(SMALL))
+    train(recipe, tmp_path / "small")
+    return tmp_path / "small" / "final.pt"
+
+
+def dense_reference(ckpt, which="expected", examples=120):
+    model, recipe = load_checkpoint(ckpt)
+    model = model.double()
+    data = load(recipe)
+    x, y = evaluation_subset(data, recipe, examples)
+    H = curvature.dense_hessian(model, measured_loss(recipe, data.num_classes, which), x.double(), y)
+    return torch.linalg.eigvalsh(H), recipe
+
+
+def test_measure_sharpness_cli_matches_the_dense_hessian(cli, small_ckpt, tmp_path):
+    out = tmp_path / "m.json"
+    res = cli("measure-sharpness", small_ckpt, "--hvps", "100", "--top-k", "2", "--json", out, "--quiet")
+    assert res.exit_code == 0, res.output
+    m = json.loads(out.read_text())
+    for key in ("trace_hessian", "trace_hessian_stderr", "lambda_max", "top_eigenvalues", "trace_gn", "R", "eta", "momentum",
+                "examples", "hvps", "seconds"):  # fmt: skip
+        assert key in m, key
+    assert m["loss"].startswith("expected (smoothed_cross_entropy(p=0.2")
+    eig, recipe = dense_reference(small_ckpt)
+    assert m["eta"] == recipe.optim.lr and m["momentum"] == 0.0 and m["examples"] == 120
+    # A barely trained net has a flat spectrum: judge the trace by the error bar it reports.
+    assert abs(m["trace_hessian"] - eig.sum().item()) < 4 * m["trace_hessian_stderr"]
+    assert m["trace_hessian"] == pytest.approx(eig.sum().item(), rel=0.15)
+    assert m["lambda_max"] == pytest.approx(eig[-1].item(), rel=1e-3)
+    assert m["top_eigenvalues"][1] == pytest.approx(eig[-2].item(), rel=1e-2)
+    exact = curvature.R_exact(eig, m["eta"])
+    assert abs(m["R"] - exact) < 4 * m["R_stderr"] and m["R"] == pytest.approx(exact, rel=0.1)
+    assert "tr ∇²L" in res.output and "R(θ)" in res.output
+
+
+def test_clean_loss_and_eta_override(cli, small_ckpt, tmp_path):
+    out = tmp_path / "m.json"
+    eig, _ = dense_reference(small_ckpt, which="clean")
+    eta = 1.0 / eig[-1].item()  # ηλ_max/2 = 0.5
+    res = cli("measure-sharpness", small_ckpt, "--loss", "clean", "--eta", str(eta), "--momentum", "0.5", "--measure", "R",
+              "--hvps", "100", "--json", out, "--quiet")  # fmt: skip
+    assert res.exit_code == 0, res.output
+    m = json.loads(out.read_text())
+    assert m["loss"].startswith("clean") and m["trace_hessian"] is None
+    exact = curvature.R_exact(eig, eta, 0.5)
+    assert abs(m["R"] - exact) < 4 * m["R_stderr"] and m["R"] == pytest.approx(exact, rel=0.1)
+
+
+def test_density_figure(cli, small_ckpt, tmp_path):
+    res = cli("measure-sharpness", small_ckpt, "--measure", "lambda_max", "--hvps", "30", "--density", tmp_path / "d.png", "--quiet")
+    assert res.exit_code == 0, res.output
+    assert (tmp_path / "d.png").stat().st_size > 1000
+
+
+@pytest.mark.parametrize(
+    "args, fragment",
+    [
+        (["--examples", "0"], "--examples 0"),
+        (["--examples", "100000"], "training set size"),
+        (["--hvps", "2"], "hvps"),
+        (["--eta", "0"], "--eta"),
+        (["--eta", "-1"], "--eta"),
+        (["--momentum", "1.0"], "--momentum"),
+        (["--eta", "1000", "--measure", "R"], "undefined"),
+        (["--loss", "noisy"], "--loss"),
+    ],
+)
+def test_measure_bad_input(cli, small_ckpt, args, fragment):
+    assert fragment in one_line_error(cli("measure-sharpness", small_ckpt, *args, "--quiet"))
+
+
+def test_measure_missing_or_corrupt_checkpoint(cli, tmp_path):
+    assert "does not exist" in one_line_error(cli("measure-sharpness", tmp_path / "nope.pt", "--quiet"))
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"\x80\x02garbage")
+    assert "corrupt" in one_line_error(cli("measure-sharpness", bad, "--quiet"))
+
+
+def test_sharpness_tracked_during_training_and_resume_matches(write_recipe, tmp_path):
+    extra = {**SMALL, "train": {"epochs": 4, "eval_every": 1},
+             "track": {"sharpness": {"every": 2, "examples": 60, "hvps": 12, "measures": ["trace", "lambda_max", "R"]}}}  # fmt: skip
+    recipe = load_recipe(write_recipe(extra))
+    from lnsgd.measure import training_hook
+
+    train(recipe, tmp_path / "a", sharpness_hook=training_hook(recipe))
+    rows = read_jsonl(tmp_path / "a/metrics.jsonl")
+    measured = [r["epoch"] for r in rows if r.get("sharp/trace_hessian") is not None]
+    assert measured == [0, 2, 4]
+    assert all(r.get("sharp/R") is not None and r["sharp/lambda_max"] > 0 for r in rows if r["epoch"] in measured)
+
+    class StopAt1(Progress):
+        def advance(self, epoch, info):
+            if epoch == 1:
+                os.kill(os.getpid(), signal.SIGINT)
+
+    with pytest.raises(RunInterrupted):
+        train(recipe, tmp_path / "b", sharpness_hook=training_hook(recipe), progress=StopAt1())
+    train(recipe, tmp_path / "b", resume=True, sharpness_hook=training_hook(recipe))
+    strip = lambda rs: [{k: v for k, v in r.items() if k not in ("time_s", "throughput/img_per_s")} for r in rs]  # noqa: E731
+    assert strip(rows) == strip(read_jsonl(tmp_path / "b/metrics.jsonl"))
+    # Measuring does not disturb training: same weights as a run without tracking.
+    train(load_recipe(write_recipe({**SMALL, "train": {"epochs": 4, "eval_every": 1}}, name="plain.yaml")), tmp_path / "c")
+    a = torch.load(tmp_path / "a/final.pt", weights_only=True)["model"]
+    c = torch.load(tmp_path / "c/final.pt", weights_only=True)["model"]
+    assert all(torch.equal(a[k], c[k]) for k in a)
+
+
+def test_train_cli_uses_track_sharpness(cli, write_recipe, tmp_path):
+    extra = {**SMALL, "name": "tracked", "train": {"epochs": 2}, "track": {"sharpness": {"every": 1, "examples": 50, "hvps": 8}}}
+    assert cli("train", write_recipe(extra), "--quiet").exit_code == 0
+    rows = read_jsonl(tmp_path / "runs/tracked/metrics.jsonl")
+    assert all(r["sharp/trace_hessian"] is not None and r["sharp/loss"] == "expected" for r in rows)
