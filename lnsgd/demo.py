@@ -52,9 +52,9 @@ BASELINE = ["name=baseline", "train.epochs=20", "optim.lr=0.1", "optim.batch_siz
 ADVERSARIAL = ["name=init-adversarial", "optim.lr=0.001", "train.epochs=80", "optim.batch_size=64"]
 FULLBATCH = ["name=init-fullbatch", "optim.lr=0.2", "train.epochs=2000", "train.eval_every=50", "train.checkpoint_every=50"]
 # lr 0.1: at 0.2 plain SGD is unstable at the sharp adversarial minimum and escapes too.
-ARM = ["train.epochs=30", "optim.lr=0.1", "optim.batch_size=32", "train.eval_every=3", "train.checkpoint_every=3"]
+ARM = ["train.epochs=40", "optim.lr=0.1", "optim.batch_size=32", "train.eval_every=4", "train.checkpoint_every=4"]
 LABEL_NOISE = ["noise.kind=flip", "noise.p=0.2"]
-SHARPNESS = {"every": 6, "examples": 1000, "hvps": 30, "measures": ["trace"], "loss": "expected"}
+SHARPNESS = {"every": 8, "examples": 1000, "hvps": 30, "measures": ["trace"], "loss": "expected"}
 
 
 def demo_recipes(seed: int = 0, quick: bool = False) -> dict[str, Recipe]:
@@ -62,7 +62,7 @@ def demo_recipes(seed: int = 0, quick: bool = False) -> dict[str, Recipe]:
     base = recipe_from_dict(DEMO_BASE, source="demo")
     extra = [f"seed={seed}"]
     if quick:  # a smoke-test size: same code path, seconds instead of minutes
-        extra += ["data.train_size=300", "data.test_size=200", "model.width=8"]
+        extra += ["data.train_size=200", "data.test_size=100", "model.width=8"]
     stages = {
         "baseline": with_overrides(base, extra + BASELINE),
         "init-adversarial": with_overrides(base, extra + ADVERSARIAL),
@@ -82,7 +82,7 @@ def arm_recipe(stages: dict[str, Recipe], init: str, arm: str, init_checkpoint: 
     raw["track"]["sharpness"] = dict(SHARPNESS)
     if quick:
         raw["train"].update(epochs=2, eval_every=1)
-        raw["track"]["sharpness"].update(every=1, examples=100, hvps=8)
+        raw["track"]["sharpness"].update(every=1, examples=50, hvps=6)
     return recipe_from_dict(raw, source="demo")
 
 
@@ -120,7 +120,14 @@ def run_demo(out: Path, *, force: bool = False, seed: int = 0, quick: bool = Fal
     started = time.perf_counter()
     stages = demo_recipes(seed, quick)
     data = load(stages["baseline"])
-    results: dict = {"baseline": {}, "inits": {}, "runs": {}}
+    results: dict = {"baseline": {}, "inits": {}, "runs": {}, "stage_seconds": {}}
+    clock = time.perf_counter()
+
+    def lap(stage: str) -> None:
+        nonlocal clock
+        now = time.perf_counter()
+        results["stage_seconds"][stage] = round(now - clock, 1)
+        clock = now
 
     # Every tr∇²L of the demo is of one loss: the label-noise arm's expected loss.
     measure_recipe = arm_recipe(stages, "baseline", "label_noise", Path("unused"), quick)
@@ -134,6 +141,7 @@ def run_demo(out: Path, *, force: bool = False, seed: int = 0, quick: bool = Fal
     say("[bold]1/3[/] baseline: minibatch SGD from random initialization")
     train(stages["baseline"], out / "baseline", progress=progress_factory(), command="demo")
     results["baseline"] = point(out / "baseline" / "final.pt")
+    lap("baseline")
 
     inits = ["adversarial"] + (["fullbatch"] if fullbatch else [])
     for kind in inits:
@@ -141,6 +149,7 @@ def run_demo(out: Path, *, force: bool = False, seed: int = 0, quick: bool = Fal
         recipe = stages[f"init-{kind}"]
         summary = run_init(kind, recipe, out / f"init-{kind}", progress=progress_factory())
         results["inits"][kind] = {**point(out / f"init-{kind}" / "final.pt"), "reached": summary["init"]["reached"]}
+        lap(f"init-{kind}")
 
     for kind in inits:
         for arm in ("sgd", "label_noise"):
@@ -158,6 +167,7 @@ def run_demo(out: Path, *, force: bool = False, seed: int = 0, quick: bool = Fal
                 "trace_peak": max(c[1] for c in curve) if curve else None,
                 "trace_curve": curve, "test_acc_curve": acc_curve, "steps": rows[-1]["step"],
             }  # fmt: skip
+            lap(f"{kind}/{arm}")
 
     results["seconds"] = round(time.perf_counter() - started, 1)
     results["checks"] = demo_checks(results)
