@@ -268,6 +268,51 @@ def theory(recipe: RecipeArg, overrides: OverridesArg = None, force: ForceOpt = 
                   highlight=False, soft_wrap=True)  # fmt: skip
 
 
+@app.command()
+@friendly
+def bench(
+    model: Annotated[str, typer.Option("--model", help="resnet18, cnn or mlp")] = "resnet18",
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1)] = 256,
+    steps: Annotated[int, typer.Option("--steps", min=1, help="timed steps per pipeline")] = 50,
+    precision: Annotated[str, typer.Option("--precision", help="lnsgd's precision: fp32, tf32 or bf16")] = "bf16",
+    compile_mode: Annotated[str, typer.Option("--compile", help="lnsgd's compile mode: off, default or cuda-graphs")] = "cuda-graphs",
+    epoch: Annotated[bool, typer.Option("--epoch/--no-epoch", help="also time one full epoch + test evaluation")] = True,
+    workers: Annotated[int, typer.Option("--workers", min=0, help="DataLoader workers of the reference")] = 4,
+    json_out: Annotated[Optional[Path], typer.Option("--json", help="also write the results as JSON")] = None,
+) -> None:
+    """lnsgd's training step vs the reference pipeline (torchvision + PIL + DataLoader), same process and model."""
+    import torch
+
+    from lnsgd.bench import BenchConfig, run_bench, tiny_cpu_config
+
+    if precision not in ("fp32", "tf32", "bf16") or compile_mode not in ("off", "default", "cuda-graphs"):
+        raise fail(f"--precision {precision} --compile {compile_mode}: expected fp32|tf32|bf16 and off|default|cuda-graphs")
+    if model not in ("resnet18", "cnn", "mlp"):
+        raise fail(f"--model {model!r}: expected resnet18, cnn or mlp")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type == "cuda":
+        cfg = BenchConfig(model=model, batch_size=batch_size, steps=steps, precision=precision, compile=compile_mode,
+                          epoch=epoch, workers=workers)  # fmt: skip
+    else:
+        err_console.print("[yellow]note:[/] no GPU: running a tiny CPU configuration; the figures mean nothing", highlight=False)
+        cfg = tiny_cpu_config()
+        cfg.model, cfg.epoch = model, epoch
+    r = run_bench(cfg, device)
+    from rich.table import Table
+
+    table = Table(title=f"lnsgd bench on {r['device']}: {cfg.model}, batch {cfg.batch_size}, lnsgd {cfg.precision} compile={cfg.compile}")
+    for col in ("pipeline", "images/s", "epoch + test (s)", "peak memory (MiB)"):
+        table.add_column(col, justify="right" if col != "pipeline" else "left")
+    for name in ("reference", "lnsgd"):
+        v = r[name]
+        table.add_row(name, f"{v['img_per_s']:.0f}", f"{v['epoch_s']:.2f}" if "epoch_s" in v else "—",
+                      f"{v['peak_mb']:.0f}" if v["peak_mb"] else "—")  # fmt: skip
+    table.add_row("ratio", f"{r['throughput_ratio']:.2f}×", f"{r['epoch_ratio']:.2f}×" if "epoch_ratio" in r else "—", "")
+    console.print(table)
+    if json_out is not None:
+        json_out.write_text(json.dumps(r, indent=2, default=str))
+
+
 def _sharpness_hook(recipe):
     """Periodic curvature measurements for train, if the recipe asks (filled in by lnsgd.sharpness)."""
     if recipe.track.sharpness is None:

@@ -67,6 +67,20 @@ def autocast_context(recipe: Recipe, device: torch.device):
     return nullcontext()
 
 
+def compile_model(model: nn.Module, mode: str, device: torch.device) -> nn.Module:
+    """The module the training step calls: eager, ``torch.compile``, or compile with CUDA graphs.
+
+    The original module keeps the parameters (checkpoints save its state_dict); the
+    compiled wrapper shares them. CUDA graphs ("reduce-overhead") need static shapes:
+    the loop drops the last partial batch, so every step has the same shape.
+    """
+    if mode == "off":
+        return model
+    if mode == "cuda-graphs" and device.type != "cuda":
+        raise LnsgdError("compile=cuda-graphs needs a CUDA device; use compile=off (or compile=default) on a CPU")
+    return torch.compile(model, mode="reduce-overhead" if mode == "cuda-graphs" else "default")
+
+
 def stream_seed(seed: int, stream: str) -> int:
     """Independent, reproducible seeds for each random stream of a run."""
     digest = hashlib.sha256(f"{seed}:{stream}".encode()).digest()
@@ -287,8 +301,11 @@ def train(
     for ph in phases:
         _check_batch_size(ph.recipe, ph.train_set.n if ph.train_set else len(data.train_x))
 
+    if recipe.compile == "cuda-graphs" and device.type != "cuda":
+        raise LnsgdError("compile=cuda-graphs needs a CUDA device; use compile=off (or compile=default) on a CPU")
     prepare_run_dir(run_dir, resume=resume, force=force)
     model = make_model(recipe, data.spec, device)
+    forward = compile_model(model, recipe.compile, device)  # the training step's view of the model
 
     # Where we are: the phase, epochs done in it, batches done in the current epoch, the global step.
     state = {"phase": 0, "epoch": 0, "batch": 0, "step": 0, "time_s": 0.0, "wandb_id": None, "phase_done": False,
@@ -426,7 +443,7 @@ def train(
                             _set_lr(optimizer, lr_at(precipe, state["step"], spe))
                             optimizer.zero_grad(set_to_none=True)
                             with autocast:
-                                loss = loss_fn(model(x), y)
+                                loss = loss_fn(forward(x), y)
                             loss.backward()
                             _accumulate(accum, loss.detach(), grad_norm(model))
                             optimizer.step()
