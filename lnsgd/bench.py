@@ -29,6 +29,7 @@ from lnsgd.recipe import ModelConfig
 class BenchConfig:
     model: str = "resnet18"
     width: int | None = None  # model width; None: the model's default (64 for resnet18)
+    group_size: int = 16  # GroupNorm channels per group (ResNet18-GN as in the paper)
     batch_size: int = 256
     steps: int = 50  # timed steps per pipeline, after warmup
     warmup: int = 5
@@ -43,7 +44,7 @@ class BenchConfig:
 
 
 def tiny_cpu_config() -> BenchConfig:
-    return BenchConfig(width=4, batch_size=32, steps=5, warmup=1, train_size=256, test_size=128, image=16, precision="fp32",
+    return BenchConfig(width=4, group_size=2, batch_size=32, steps=5, warmup=1, train_size=256, test_size=128, image=16, precision="fp32",
                        compile="off", workers=0)  # fmt: skip
 
 
@@ -79,7 +80,7 @@ class _PILDataset(torch.utils.data.Dataset):
 def _model(cfg: BenchConfig, device: torch.device) -> nn.Module:
     torch.manual_seed(0)
     spec = DataSpec((3, cfg.image, cfg.image), 10)
-    return build_model(ModelConfig(name=cfg.model, width=cfg.width), spec).to(device)
+    return build_model(ModelConfig(name=cfg.model, width=cfg.width, group_size=cfg.group_size), spec).to(device)
 
 
 def reference_pipeline(cfg: BenchConfig, images, labels, test_images, test_labels, device: torch.device) -> dict:

@@ -17,6 +17,7 @@ from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from lnsgd.errors import DivergedError, LnsgdError, RunInterrupted
 
@@ -37,7 +38,7 @@ QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="no progress bar")
 
 
 def fail(message: str, code: int = 1) -> typer.Exit:
-    err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    err_console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
     return typer.Exit(code)
 
 
@@ -47,7 +48,7 @@ def friendly(fn: Callable) -> Callable:
     @wraps(fn)
     def wrapper(*args, **kwargs):
         def show_warning(message, category, filename, lineno, file=None, line=None):
-            err_console.print(f"[yellow]warning:[/] {message}", highlight=False, soft_wrap=True)
+            err_console.print(f"[yellow]warning:[/] {escape(str(message))}", highlight=False, soft_wrap=True)
 
         warnings.showwarning = show_warning
         try:
@@ -371,6 +372,11 @@ def compare(
     console.print(compare_table(columns, rows))
     if csv is not None:
         console.print(str(write_csv(csv, columns, rows)), highlight=False)
+
+
+from lnsgd.cli_sweep import register as _register_sweep  # noqa: E402
+
+_register_sweep(app)
 
 
 def main() -> None:  # console-script entry point

@@ -1,0 +1,430 @@
+"""Sweeps: grid expansion and naming, both executors end to end on tiny runs, interruption
+and exact continuation, preemption of a submitit job, the shipped sweep specs, bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from lnsgd.cli import app
+from lnsgd.cli_sweep import register
+from lnsgd.recipe import load_recipe, recipe_to_dict
+from lnsgd.sweep import (
+    Axis,
+    expand,
+    parse_grid_option,
+    plan_sweep,
+    point_ids,
+    read_sweep,
+    split_values,
+    value_text,
+)
+from lnsgd.track import read_jsonl
+from lnsgd.train import train
+
+from .conftest import TINY, deep_update, one_line_error
+
+if not any(c.name in ("sweep", "sweep-status") for c in app.registered_commands):
+    register(app)  # until lnsgd.cli registers the sweep commands itself
+
+SPECS = sorted((Path(__file__).parent.parent / "recipes" / "sweeps").glob("*.sweep"))
+TIMING = ("time_s", "throughput/img_per_s")
+GRID = ["--grid", "optim.lr=0.05,0.1", "--grid", "seed=0,1"]
+IDS = ["lr=0.05,seed=0", "lr=0.05,seed=1", "lr=0.1,seed=0", "lr=0.1,seed=1"]
+
+
+def strip_timing(rows):
+    return [{k: v for k, v in r.items() if k not in TIMING} for r in rows]
+
+
+def weights(path: Path) -> dict:
+    return torch.load(path, weights_only=True)["model"]
+
+
+def same_weights(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def single_thread():
+    """Children run with OMP_NUM_THREADS=1 (much faster for tiny models on shared cores);
+    in-process references use one thread too, so results compare bit for bit."""
+    old_env, old_threads = os.environ.get("OMP_NUM_THREADS"), torch.get_num_threads()
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old_threads)
+    if old_env is None:
+        os.environ.pop("OMP_NUM_THREADS", None)
+    else:
+        os.environ["OMP_NUM_THREADS"] = old_env
+
+
+def write_tiny(folder: Path, extra: dict | None = None, name: str = "recipe.yaml") -> Path:
+    raw = deep_update(TINY, {"train": {"epochs": 2}, "log": {"dir": str(folder / "runs")}})
+    path = folder / name
+    path.write_text(yaml.safe_dump(deep_update(raw, extra or {})))
+    return path
+
+
+def invoke(*args):
+    from typer.testing import CliRunner
+
+    return CliRunner().invoke(app, [str(a) for a in args], catch_exceptions=False)
+
+
+# --------------------------------------------------------------------------- grid expansion and naming (unit)
+
+
+def test_grid_option_parsing_types_values_as_yaml():
+    assert parse_grid_option("optim.lr=0.5,1,2") == ("optim.lr", [0.5, 1, 2])
+    assert parse_grid_option("noise.kind=flip,none") == ("noise.kind", ["flip", "none"])
+    assert parse_grid_option("log.wandb.tags=[a,b],[c]") == ("log.wandb.tags", [["a", "b"], ["c"]])
+    assert split_values("'a,b',c") == ["'a,b'", "c"]
+
+
+@pytest.mark.parametrize("value", [0.5, 1, 1e-5, 2.0, True, None, "flip", "0.5", "a b", "x,y", ["a", "b"], "/abs/p.pt"])
+def test_value_text_round_trips_through_yaml(value):
+    assert yaml.safe_load(value_text(value)) == value
+
+
+def test_cartesian_product_in_key_order_and_zip():
+    axes = [Axis("optim.lr", (0.5, 1, 2)), Axis("seed", (0, 1))]
+    points = expand(axes)
+    assert len(points) == 6 and points[0] == {"optim.lr": 0.5, "seed": 0} and points[1] == {"optim.lr": 0.5, "seed": 1}
+    assert point_ids(axes, points)[:3] == ["lr=0.5,seed=0", "lr=0.5,seed=1", "lr=1,seed=0"]
+    zipped = expand([Axis("optim.lr", (0.5, 1)), Axis("seed", (0, 1))], zip_=True)
+    assert zipped == [{"optim.lr": 0.5, "seed": 0}, {"optim.lr": 1, "seed": 1}]
+
+
+def test_ids_are_readable_safe_and_unique():
+    # Two keys with the same last component keep their full keys; paths are named by their folder.
+    axes = [Axis("optim.schedule.gamma", (0.1,)), Axis("x.gamma", (0.2,)),
+            Axis("init.checkpoint", ("/r/fb/final.pt", "/r/adv/final.pt", "/s/adv/final.pt"))]  # fmt: skip
+    ids = point_ids(axes, expand(axes))
+    assert ids[0] == "optim.schedule.gamma=0.1,x.gamma=0.2,checkpoint=fb"
+    assert ids[1].endswith("checkpoint=adv-2") and ids[2].endswith("checkpoint=adv-3")
+    assert len(set(ids)) == 3
+    weird = [Axis("data.root", ("a b/c:d*?",))]
+    (wid,) = point_ids(weird, expand(weird))
+    assert "/" not in wid and " " not in wid and "*" not in wid and "?" not in wid
+    long = [Axis("log.wandb.project", ("p" * 300,))]
+    (lid,) = point_ids(long, expand(long))
+    assert len(lid) <= 100
+
+
+def test_plan_validates_every_point_and_sets_name_group_and_tags(tmp_path):
+    plan = plan_sweep(write_tiny(tmp_path), ["optim.lr=0.05,0.1", "seed=0,1"], ["train.epochs=3"], name="s")
+    assert [p.id for p in plan.points] == IDS
+    p = plan.points[1]
+    assert p.dir == tmp_path / "runs" / "s" / "lr=0.05,seed=1"
+    assert (p.recipe.optim.lr, p.recipe.seed, p.recipe.train.epochs) == (0.05, 1, 3)
+    assert p.recipe.name == "s/lr=0.05,seed=1"
+    assert p.recipe.log.wandb.group == "s" and p.recipe.log.wandb.tags == ("lr=0.05", "seed=1")
+    # The run folder's recipe is exactly what `lnsgd train` builds from the point's overrides.
+    assert load_recipe(plan.recipe_path, p.overrides) == p.recipe
+
+
+def test_runs_are_pinned_round_robin_to_the_least_busy_gpu():
+    from types import SimpleNamespace
+
+    from lnsgd.sweep import ProcessExecutor
+
+    ex = ProcessExecutor(jobs=3, gpus=["2", "5"])
+    running = {}
+    for pid in "abc":
+        running[pid] = SimpleNamespace(gpu=ex._pick_gpu(running))
+    assert [c.gpu for c in running.values()] == ["2", "5", "2"]
+    del running["b"]
+    assert ex._pick_gpu(running) == "5"
+    assert ProcessExecutor(jobs=2, gpus=["0"])._pick_gpu({}) is None  # one GPU (or none): no pinning
+
+
+# --------------------------------------------------------------------------- the shipped sweep specs
+
+
+def test_sweep_specs_are_shipped():
+    assert {p.name for p in SPECS} >= {"quickstart-noise.sweep", "fig3-cifar10.sweep", "fig4-cifar10-momentum.sweep"}
+
+
+@pytest.mark.parametrize("path", SPECS, ids=lambda p: p.name)
+def test_every_sweep_spec_expands_and_each_point_validates(path: Path):
+    text = path.read_text()
+    assert text.startswith("#") and "lnsgd sweep " + str(path.relative_to(path.parent.parent.parent)) in text, (
+        f"{path}: the header should show the command that runs it"
+    )
+    plan = plan_sweep(path)  # loads and validates the recipe of every point
+    assert len(plan.points) >= 2 and len({p.id for p in plan.points}) == len(plan.points)
+    assert all(p.recipe.log.wandb.group == plan.name for p in plan.points)
+    if path.name.startswith(("fig3", "fig4")):
+        r = plan.points[0].recipe
+        assert (r.data.name, r.model.name, r.noise.kind, r.noise.p, r.optim.batch_size) == (
+            "cifar10",
+            "resnet18",
+            "flip",
+            0.2,
+            256,
+        )
+        assert {p.recipe.seed for p in plan.points} == {0, 1, 2}
+        assert len({p.recipe.init.checkpoint for p in plan.points}) == 2
+        assert {p.recipe.optim.momentum for p in plan.points} == ({0.0} if path.name.startswith("fig3") else {0.9})
+
+
+# --------------------------------------------------------------------------- bad input
+
+
+@pytest.mark.parametrize(
+    "args, fragment",
+    [
+        (["--grid", "optim.lrr=0.1,0.2"], "optim.lrr: unknown key"),
+        (["--grid", "optim.lr=fast,slow"], "optim.lr"),
+        (["--grid", "seed=0,1", "--grid", "noise.p=0.1,1.5"], "noise.p"),
+        ([], "the grid is empty"),
+        (["--grid", "optim.lr"], "expected key=v1,v2"),
+        (["--grid", "optim.lr="], "empty value"),
+        (["--grid", "optim.lr=0.1,,0.2"], "empty value"),
+        (["--grid", "=1,2"], "expected key=v1,v2"),
+        (["--grid", "optim.lr=0.1,0.2", "--grid", "seed=0,1,2", "--zip"], "equal lengths"),
+        (["--grid", "seed=0,0"], "twice"),
+        (["--grid", "seed=0,1", "--grid", "seed=2"], "twice"),
+        (["--grid", "name=a,b"], "the sweep sets it"),
+        (["--grid", "seed=0,1", "--executor", "slurm"], "expected process or submitit"),
+        (["--grid", "seed=0,1", "--name", "a/b"], "plain folder name"),
+        (["--grid", "seed=0,1", "optim.lr"], "expected key=value"),
+        (["--grid", "init.checkpoint=/nonexistent/final.pt,/nonexistent/b.pt"], "does not exist"),
+    ],
+)
+def test_bad_input_is_one_clear_line_and_starts_nothing(tmp_path, args, fragment):
+    line = one_line_error(invoke("sweep", write_tiny(tmp_path), *args))
+    assert fragment in line, line
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").rglob("metrics.jsonl"))
+
+
+def test_submitit_missing_says_how_to_install(tmp_path, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "submitit", None)  # makes `import submitit` raise ImportError
+    line = one_line_error(invoke("sweep", write_tiny(tmp_path), "--grid", "seed=0,1", "--executor", "submitit"))
+    assert "pip install submitit" in line and "lnsgd[slurm]" in line
+    assert not (tmp_path / "runs" / "tiny").exists()
+
+
+def test_bad_sweep_spec_files(tmp_path):
+    write_tiny(tmp_path)
+    spec = tmp_path / "s.sweep"
+    spec.write_text("recipe: recipe.yaml\ngrid: {seed: [0, 1]}\nepochs: 3\n")
+    assert "epochs: unknown key" in one_line_error(invoke("sweep", spec))
+    spec.write_text("recipe: missing.yaml\ngrid: {seed: [0, 1]}\n")
+    assert "does not exist" in one_line_error(invoke("sweep", spec))
+    spec.write_text("recipe: recipe.yaml\ngrid: {optim.lr: [0.1, abc]}\n")
+    assert "optim.lr" in one_line_error(invoke("sweep", spec))
+    assert "no sweep.json" in one_line_error(invoke("sweep-status", tmp_path))
+
+
+# --------------------------------------------------------------------------- process executor end to end
+
+
+@pytest.fixture(scope="module")
+def process_sweep(tmp_path_factory):
+    """A 2×2 sweep through the process executor with --jobs 2 (run once for the module)."""
+    root = tmp_path_factory.mktemp("process")
+    recipe = write_tiny(root)
+    res = invoke("sweep", recipe, *GRID, "--jobs", "2")
+    return root, recipe, res
+
+
+def test_process_sweep_runs_every_point(process_sweep):
+    root, _, res = process_sweep
+    assert res.exit_code == 0, res.output
+    sweep_dir = root / "runs" / "tiny"
+    data = read_sweep(sweep_dir)
+    assert [p["id"] for p in data["points"]] == IDS and all(p["status"] == "done" for p in data["points"])
+    assert data["grid"] == {"optim.lr": [0.05, 0.1], "seed": [0, 1]} and data["recipe"] == str(root / "recipe.yaml")
+    assert data["points"][2]["overrides"] == ["optim.lr=0.1", "seed=0"]
+    for pid in IDS:
+        run = sweep_dir / pid
+        assert [r["epoch"] for r in read_jsonl(run / "metrics.jsonl")] == [0, 1, 2]
+        assert "lnsgd train" in (run / "train.log").read_text()
+        assert json.loads((run / "summary.json").read_text())["name"] == f"tiny/{pid}"
+    # Each point is exactly the run `lnsgd train` makes with the same overrides (here: in-process).
+    r = load_recipe(root / "recipe.yaml", ["optim.lr=0.1", "seed=1"])
+    train(r, root / "ref")
+    assert same_weights(weights(root / "ref/final.pt"), weights(sweep_dir / "lr=0.1,seed=1/final.pt"))
+    assert "lr=0.1,seed=1" in res.output and "done" in res.output
+
+
+def test_rerunning_a_finished_sweep_skips_every_run_and_status_shows_them(process_sweep):
+    root, recipe, _ = process_sweep
+    sweep_dir = root / "runs" / "tiny"
+    before = {pid: (sweep_dir / pid / "final.pt").stat().st_mtime_ns for pid in IDS}
+    res = invoke("sweep", recipe, *GRID, "--jobs", "2")
+    assert res.exit_code == 0, res.output
+    assert res.output.count("skip") == 4
+    assert {pid: (sweep_dir / pid / "final.pt").stat().st_mtime_ns for pid in IDS} == before
+    res = invoke("sweep-status", sweep_dir)
+    assert res.exit_code == 0 and "4 done" in res.output and "2/2" in res.output and "lr=0.1,seed=1" in res.output
+    rows = json.loads(invoke("sweep-status", sweep_dir, "--json").output)
+    last = read_jsonl(sweep_dir / IDS[0] / "metrics.jsonl")[-1]
+    assert rows[0]["test/acc"] == last["test/acc"] and rows[0]["epoch"] == 2 and rows[0]["status"] == "done"
+    # The sweep folder alone continues the sweep as it was built.
+    res = invoke("sweep", sweep_dir)
+    assert res.exit_code == 0 and res.output.count("skip") == 4
+    res = invoke("sweep", recipe, *GRID, "--dry-run")
+    assert res.exit_code == 0 and res.output.count("skip (done)") == 4
+    # One sweep folder, one sweep at a time.
+    from lnsgd.sweep import sweep_lock
+
+    with sweep_lock(sweep_dir):
+        assert "already running" in one_line_error(invoke("sweep", recipe, *GRID))
+
+
+def test_a_run_folder_is_not_taken_for_a_sweep(tmp_path):
+    recipe = write_tiny(tmp_path)
+    (tmp_path / "runs" / "tiny").mkdir(parents=True)
+    (tmp_path / "runs" / "tiny" / "recipe.yaml").write_text("name: tiny\n")
+    line = one_line_error(invoke("sweep", recipe, "--grid", "seed=0,1"))
+    assert "run folder, not a sweep" in line and "--name" in line
+
+
+# --------------------------------------------------------------------------- interruption and exact continuation
+
+
+LONG = {"train": {"epochs": 60, "checkpoint_every": 1000}}  # last.pt only when stopped (or at the end)
+
+
+@pytest.fixture(scope="module")
+def long_reference(tmp_path_factory):
+    """The uninterrupted run the interrupted ones must reproduce exactly."""
+    root = tmp_path_factory.mktemp("reference")
+    recipe = load_recipe(write_tiny(root, LONG), ["seed=0"])
+    train(recipe, root / "ref")
+    return root / "ref"
+
+
+def _when(condition, timeout=120.0):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if condition():
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def test_interrupted_sweep_continues_exactly_and_a_failed_run_does_not_stop_the_others(tmp_path, long_reference):
+    recipe = write_tiny(tmp_path, LONG)
+    # Two points at once: one trains for a while, the other fails at once (batch larger than the data).
+    args = ("sweep", recipe, "--grid", "optim.batch_size=32,500", "--grid", "seed=0", "--jobs", "2")
+    sweep_dir = tmp_path / "runs" / "tiny"
+    long_run = sweep_dir / "batch_size=32,seed=0"
+
+    def stop_when_training():  # Ctrl-C to the sweep after the failure and a few epochs of the long run
+        def ready():
+            points = {p["id"]: p for p in read_sweep(sweep_dir)["points"]} if (sweep_dir / "sweep.json").exists() else {}
+            failed = points.get("batch_size=500,seed=0", {}).get("status") == "failed"
+            return failed and len(read_jsonl(long_run / "metrics.jsonl")) >= 3
+
+        if _when(ready):
+            os.kill(os.getpid(), signal.SIGINT)
+
+    watcher = threading.Thread(target=stop_when_training)
+    watcher.start()
+    res = invoke(*args)
+    watcher.join()
+    assert res.exit_code == 130, res.output
+    assert "continue with: lnsgd sweep" in res.output and "--grid optim.batch_size=32,500" in res.output
+    points = {p["id"]: p for p in read_sweep(sweep_dir)["points"]}
+    assert points["batch_size=32,seed=0"]["status"] == "interrupted"
+    assert points["batch_size=500,seed=0"]["status"] == "failed"
+    assert "larger than the training set" in points["batch_size=500,seed=0"]["error"]
+    ckpt = torch.load(long_run / "checkpoints/last.pt", weights_only=True)
+    assert 0 < ckpt["epoch"] < 60, "the child should have checkpointed mid-run on the forwarded SIGTERM"
+    assert "SIGTERM" in (long_run / "train.log").read_text()
+
+    res = invoke(*args)  # the same command continues: resumes one, retries the failed one
+    assert res.exit_code == 1, res.output
+    assert "1 of 2 runs failed" in one_line_error(res)
+    points = {p["id"]: p for p in read_sweep(sweep_dir)["points"]}
+    assert points["batch_size=32,seed=0"]["status"] == "done" and points["batch_size=32,seed=0"]["resumed"] is True
+    assert same_weights(weights(long_reference / "final.pt"), weights(long_run / "final.pt"))
+    ref_rows, rows = read_jsonl(long_reference / "metrics.jsonl"), read_jsonl(long_run / "metrics.jsonl")
+    assert strip_timing(ref_rows) == strip_timing(rows)
+
+
+def test_submitit_job_checkpoints_on_preemption_and_the_requeued_job_resumes_exactly(tmp_path, long_reference):
+    submitit = pytest.importorskip("submitit")
+    from lnsgd.sweep import PointJob
+
+    assert isinstance(PointJob, type) and issubclass(PointJob, submitit.helpers.Checkpointable)
+    recipe = load_recipe(write_tiny(tmp_path, LONG), ["seed=0"])
+    job = PointJob(recipe_to_dict(recipe), str(tmp_path / "run"))
+    requeued = []
+
+    class Requeued(Exception):
+        pass
+
+    def submitit_handler(signum, frame):  # what submitit does on SIGUSR2: checkpoint(), requeue, exit
+        requeued.append(job.checkpoint())
+        raise Requeued
+
+    old = signal.signal(signal.SIGUSR2, submitit_handler)
+    try:
+        threading.Thread(target=lambda: _when(lambda: len(read_jsonl(tmp_path / "run/metrics.jsonl")) >= 3)
+                         and os.kill(os.getpid(), signal.SIGUSR2)).start()  # fmt: skip
+        with pytest.raises(Requeued):
+            job()
+    finally:
+        signal.signal(signal.SIGUSR2, old)
+    ckpt = torch.load(tmp_path / "run/checkpoints/last.pt", weights_only=True)
+    assert 0 < ckpt["epoch"] < 60  # written on the signal: checkpoint_every would not have written it yet
+    (delayed,) = requeued
+    assert isinstance(delayed, submitit.helpers.DelayedSubmission) and delayed.function is job
+    delayed.result()  # the requeued job
+    assert same_weights(weights(long_reference / "final.pt"), weights(tmp_path / "run/final.pt"))
+    assert strip_timing(read_jsonl(long_reference / "metrics.jsonl")) == strip_timing(read_jsonl(tmp_path / "run/metrics.jsonl"))
+
+
+# --------------------------------------------------------------------------- submitit executor end to end
+
+
+def test_submitit_local_sweep_matches_the_process_sweep(tmp_path, process_sweep):
+    # Two of the process sweep's points, paired with --zip: a job array of 2 on submitit's local backend.
+    pytest.importorskip("submitit")
+    recipe = write_tiny(tmp_path)
+    args = ("sweep", recipe, *GRID, "--zip", "--executor", "submitit", "--cluster", "local", "--timeout-min", "10")
+    res = invoke(*args)
+    assert res.exit_code == 0, res.output
+    sweep_dir = tmp_path / "runs" / "tiny"
+    data = read_sweep(sweep_dir)
+    assert [p["id"] for p in data["points"]] == [IDS[0], IDS[3]] and data["zip"] is True
+    assert all(p["status"] == "done" and p["job_id"] for p in data["points"]) and data["executor"] == "submitit"
+    assert any((sweep_dir / "submitit").rglob("*.out"))
+    proc_dir = process_sweep[0] / "runs" / "tiny"
+    for pid in (IDS[0], IDS[3]):
+        assert same_weights(weights(proc_dir / pid / "final.pt"), weights(sweep_dir / pid / "final.pt"))
+        a, b = read_jsonl(proc_dir / pid / "metrics.jsonl"), read_jsonl(sweep_dir / pid / "metrics.jsonl")
+        assert strip_timing(a) == strip_timing(b)
+    res = invoke(*args)
+    assert res.exit_code == 0 and res.output.count("skip") == 2
+
+
+def test_a_different_grid_or_recipe_is_refused_unless_forced(process_sweep):
+    root, recipe, _ = process_sweep
+    line = one_line_error(invoke("sweep", recipe, "--grid", "optim.lr=0.05", "--grid", "seed=0,1"))
+    assert "was not built from this recipe and grid" in line and "--force" in line and "optim.lr=0.05,0.1" in line
+    line = one_line_error(invoke("sweep", recipe, *GRID, "noise.p=0.3"))
+    assert "noise.p" in line
+    # --force with a smaller grid keeps the runs it shares and deletes the others (runs last:
+    # the submitit test compares with the process sweep's runs).
+    res = invoke("sweep", recipe, "--grid", "optim.lr=0.05", "--grid", "seed=0,1", "--force")
+    assert res.exit_code == 0, res.output
+    sweep_dir = root / "runs" / "tiny"
+    assert sorted(p.name for p in sweep_dir.iterdir() if p.is_dir()) == IDS[:2]
+    assert [p["id"] for p in read_sweep(sweep_dir)["points"]] == IDS[:2]
