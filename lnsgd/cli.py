@@ -173,7 +173,9 @@ def demo(
     out: Annotated[Path, typer.Option("--out", help="output folder (run folders, demo.png, summary.json)")] = Path("runs/demo"),
     force: ForceOpt = False,
     seed: Annotated[int, typer.Option("--seed", help="seed of every stage")] = 0,
-    fullbatch: Annotated[bool, typer.Option("--fullbatch/--no-fullbatch", help="also build and escape a full-batch GD init (adds several minutes on a CPU)")] = False,
+    fullbatch: Annotated[
+        bool, typer.Option("--fullbatch/--no-fullbatch", help="also build and escape a full-batch GD init (adds minutes on a CPU)")
+    ] = False,
     quick: Annotated[bool, typer.Option("--quick", help="tiny sizes, for a smoke test (numbers mean nothing)")] = False,
     quiet: QuietOpt = False,
 ) -> None:
@@ -200,7 +202,9 @@ def measure_sharpness(
     top_k: Annotated[int, typer.Option("--top-k", help="number of top eigenvalues")] = 1,
     seed: Annotated[int, typer.Option("--seed", help="seed of the random probes")] = 0,
     loss: Annotated[str, typer.Option("--loss", help="expected (over the recipe's label noise) or clean")] = "expected",
-    measures: Annotated[Optional[list[str]], typer.Option("--measure", help="trace, lambda_max, trace_gn, R (repeatable; default all)")] = None,
+    measures: Annotated[
+        Optional[list[str]], typer.Option("--measure", help="trace, lambda_max, trace_gn, R (repeatable; default all)")
+    ] = None,
     json_out: Annotated[Optional[Path], typer.Option("--json", help="also write the results as JSON")] = None,
     density: Annotated[Optional[Path], typer.Option("--density", help="also draw the SLQ spectral density to this PNG")] = None,
     device: Annotated[str, typer.Option("--device", help="auto, cpu or cuda")] = "auto",
@@ -341,7 +345,9 @@ def plot(
     runs: RunsArg,
     out: Annotated[Path, typer.Option("--out", help="folder for plot.png, plot.pdf and plot.csv")] = Path("plots"),
     x: Annotated[str, typer.Option("--x", help="x axis: epoch, step or time_s")] = "epoch",
-    metrics: Annotated[Optional[list[str]], typer.Option("--metrics", help="panel metric (repeatable); replaces the default panels")] = None,
+    metrics: Annotated[
+        Optional[list[str]], typer.Option("--metrics", help="panel metric (repeatable); replaces the default panels")
+    ] = None,
     baseline: Annotated[Optional[Path], typer.Option("--baseline", help="run whose final test accuracy is drawn dashed")] = None,
     smooth: Annotated[int, typer.Option("--smooth", min=1, help="running-average window of the correlation panel")] = 1,
     ignore: IgnoreOpt = None,

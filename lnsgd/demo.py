@@ -239,5 +239,6 @@ def demo_table(results: dict):
         for arm in ("sgd", "label_noise"):
             r = results["runs"][f"{kind}/{arm}"]
             name = f"  → {'plain SGD' if arm == 'sgd' else 'label-noise SGD'}"
-            table.add_row(name, pct(r["train_acc"]), pct(r["test_acc"]), num(r["trace_start"]), num(r["trace_peak"]), num(r["trace_hessian"]))
+            traces = (num(r["trace_start"]), num(r["trace_peak"]), num(r["trace_hessian"]))
+            table.add_row(name, pct(r["train_acc"]), pct(r["test_acc"]), *traces)
     return table

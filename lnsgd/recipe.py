@@ -150,7 +150,9 @@ class SharpnessTrack(Section):
     measures: tuple[Literal["trace", "lambda_max", "trace_gn", "R"], ...] = Field(
         ("trace",), description="which of trace, lambda_max, trace_gn, R to record"
     )
-    loss: Literal["expected", "clean"] = Field("expected", description="Hessian of the loss in expectation over the noise, or the clean one")
+    loss: Literal["expected", "clean"] = Field(
+        "expected", description="Hessian of the expected (over the noise) or clean loss"
+    )
 
 
 class TrackConfig(Section):
@@ -182,7 +184,7 @@ class TheoryConfig(Section):
     steps: int = Field(20000, ge=1, description="SGD steps of each trajectory (label noise, plain, regularized Φ)")
     eval_every: int = Field(200, ge=1, description="log one metrics row every this many steps")
     max_params: int = Field(400, ge=1, description="refuse models with more parameters (dense Hessians cost p² memory)")
-    fit_steps: int = Field(0, ge=0, description="full-batch GD steps from the init before the three trajectories (reach an interpolating start)")
+    fit_steps: int = Field(0, ge=0, description="full-batch GD steps before the three trajectories (to an interpolating start)")
     fit_lr: float | None = Field(None, gt=0, description="learning rate of the fitting phase; null: optim.lr")
 
 

@@ -560,4 +560,5 @@ def _progress_info(row: dict) -> dict:
 
 def _interrupt_message(signum: int | None, run_dir: Path, epoch: int, step: int) -> str:
     name = signal.Signals(signum).name if signum else "signal"
-    return f"stopped by {name} at step {step} (epoch {epoch}); checkpoint written to {run_dir / 'checkpoints' / 'last.pt'}; continue with --resume"
+    ckpt = run_dir / "checkpoints" / "last.pt"
+    return f"stopped by {name} at step {step} (epoch {epoch}); checkpoint written to {ckpt}; continue with --resume"

@@ -145,7 +145,8 @@ def test_init_adversarial_end_to_end_and_resume(cli, write_recipe, tmp_path):
 
 
 def test_adversarial_refuses_regression_data(write_recipe):
-    recipe = load_recipe(write_recipe({"data": {"name": "synthetic", "train_size": None, "test_size": None}, "loss": "mse", "noise": {"kind": "none", "p": 0.0},
+    data = {"name": "synthetic", "train_size": None, "test_size": None}
+    recipe = load_recipe(write_recipe({"data": data, "loss": "mse", "noise": {"kind": "none", "p": 0.0},
                                        "model": {"name": "mlp"}}))  # fmt: skip
     with pytest.raises(LnsgdError, match="regression"):
         adversarial_phases(recipe, load(recipe))
