@@ -24,7 +24,6 @@ def register(app: typer.Typer) -> None:
 
     @app.command("sweep")
     @friendly
-    @_markup_safe
     def sweep(
         recipe: Annotated[
             Path,
@@ -114,13 +113,11 @@ def register(app: typer.Typer) -> None:
         Rerunning the same command skips finished runs, resumes interrupted ones from their last
         checkpoint and starts the rest. Progress and results are in <log.dir>/<name>/sweep.json.
         """
-        from rich.markup import escape
-
         from lnsgd.errors import RunInterrupted
         from lnsgd.sweep import ProcessExecutor, SubmititExecutor, SubmititOptions, parse_slurm_options, plan_sweep, run_sweep
 
         if executor not in ("process", "submitit"):
-            raise fail(escape(f"--executor {executor!r}: expected process or submitit"))
+            raise fail(f"--executor {executor!r}: expected process or submitit")
         plan = plan_sweep(recipe, grid or [], overrides or [], name=name, zip_=zip_)
         if dry_run:
             _print_plan(plan, console)
@@ -143,23 +140,20 @@ def register(app: typer.Typer) -> None:
         try:
             result = run_sweep(plan, runner, force=force, event=_printer(err_console))
         except RunInterrupted as e:
-            raise fail(escape(f"{e}; continue with: {again}"), 130) from None
+            raise fail(f"{e}; continue with: {again}", 130) from None
         from lnsgd.sweep import status_rows, status_table
 
         console.print(status_table(*status_rows(plan.dir)))
         failed = [pid for pid, s in result.statuses.items() if s == "failed"]
         if failed:
             raise fail(
-                escape(
-                    f"{len(failed)} of {len(result.statuses)} runs failed "
-                    f"({', '.join(failed[:4])}{', ...' if len(failed) > 4 else ''}); "
-                    f"see {plan.dir / 'sweep.json'} and each run's train.log, fix, then rerun: {again}"
-                )
+                f"{len(failed)} of {len(result.statuses)} runs failed "
+                f"({', '.join(failed[:4])}{', ...' if len(failed) > 4 else ''}); "
+                f"see {plan.dir / 'sweep.json'} and each run's train.log, fix, then rerun: {again}"
             )
 
     @app.command("sweep-status")
     @friendly
-    @_markup_safe
     def sweep_status(
         sweep_dir: Annotated[Path, typer.Argument(help="a sweep folder, <log.dir>/<sweep name>", show_default=False)],
         as_json: Annotated[bool, typer.Option("--json", help="print the rows as JSON instead of a table")] = False,
@@ -174,25 +168,6 @@ def register(app: typer.Typer) -> None:
             console.print_json(json.dumps(rows, default=str))
         else:
             console.print(status_table(data, rows))
-
-
-def _markup_safe(fn):
-    """Escape rich markup in error messages: `fail` prints them as markup, and ours can hold
-    brackets ("pip install 'lnsgd[slurm]'", tags=[...]) that rich would otherwise swallow."""
-    from functools import wraps
-
-    from rich.markup import escape
-
-    from lnsgd.errors import LnsgdError
-
-    @wraps(fn)
-    def wrapper(*args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except LnsgdError as e:
-            raise type(e)(escape(str(e))) from None
-
-    return wrapper
 
 
 def _visible_gpus() -> list[str]:
