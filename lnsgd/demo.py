@@ -52,7 +52,7 @@ DEMO_BASE = {
 }
 BASELINE = ["name=baseline", "train.epochs=20", "optim.lr=0.1", "optim.batch_size=32"]
 ADVERSARIAL = ["name=init-adversarial", "optim.lr=0.001", "train.epochs=80", "optim.batch_size=64"]
-FULLBATCH = ["name=init-fullbatch", "optim.lr=0.2", "train.epochs=2000", "train.eval_every=50", "train.checkpoint_every=50"]
+FULLBATCH = ["name=init-fullbatch", "optim.lr=0.5", "train.epochs=3000", "train.eval_every=25", "train.checkpoint_every=100"]
 # lr 0.1: at 0.2 plain SGD is unstable at the sharp adversarial minimum and escapes too.
 ARM = ["train.epochs=40", "optim.lr=0.1", "optim.batch_size=32", "train.eval_every=4", "train.checkpoint_every=4"]
 LABEL_NOISE = ["noise.kind=flip", "noise.p=0.2"]
