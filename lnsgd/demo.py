@@ -165,6 +165,8 @@ def run_demo(out: Path, *, force: bool = False, seed: int = 0, quick: bool = Fal
             results["runs"][f"{kind}/{arm}"] = {
                 "train_acc": rows[-1]["train/acc"], "test_acc": rows[-1]["test/acc"],
                 "trace_hessian": curve[-1][1] if curve else None,
+                "trace_hessian_stderr": next((r.get("sharp/trace_hessian_stderr") for r in reversed(rows)
+                                              if r.get("sharp/trace_hessian") is not None), None),
                 "trace_start": curve[0][1] if curve else None,
                 "trace_peak": max(c[1] for c in curve) if curve else None,
                 "trace_curve": curve, "test_acc_curve": acc_curve, "steps": rows[-1]["step"],
@@ -241,6 +243,7 @@ def demo_table(results: dict):
         for arm in ("sgd", "label_noise"):
             r = results["runs"][f"{kind}/{arm}"]
             name = f"  → {'plain SGD' if arm == 'sgd' else 'label-noise SGD'}"
-            traces = (num(r["trace_start"]), num(r["trace_peak"]), num(r["trace_hessian"]))
+            end = num(r["trace_hessian"]) + (f" ± {r['trace_hessian_stderr']:.2g}" if r.get("trace_hessian_stderr") else "")
+            traces = (num(r["trace_start"]), num(r["trace_peak"]), end)
             table.add_row(name, pct(r["train_acc"]), pct(r["test_acc"]), *traces)
     return table
