@@ -67,3 +67,23 @@ def one_line_error(result) -> str:
     lines = [ln for ln in text.splitlines() if ln.strip()]
     assert lines and lines[-1].startswith("error:"), text
     return lines[-1]
+
+
+TIMING = ("time_s", "throughput/img_per_s")
+
+
+def strip_timing(rows: list[dict]) -> list[dict]:
+    """Metrics rows without the wall-clock columns, which differ between identical runs."""
+    return [{k: v for k, v in r.items() if k not in TIMING} for r in rows]
+
+
+def weights(path: Path) -> dict:
+    import torch
+
+    return torch.load(path, weights_only=True)["model"]
+
+
+def same_weights(a: dict, b: dict) -> bool:
+    import torch
+
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

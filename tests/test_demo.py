@@ -9,13 +9,13 @@ from .conftest import one_line_error
 
 def test_demo_quick_writes_summary_figure_and_table(cli, tmp_path):
     out = tmp_path / "demo"
-    res = cli("demo", "--quick", "--out", out, "--quiet")
+    res = cli("demo", "--quick", "--fullbatch", "--out", out, "--quiet")
     assert res.exit_code == 0, res.output
     s = json.loads((out / "summary.json").read_text())
-    for block in (s["baseline"], s["inits"]["adversarial"]):
+    for block in (s["baseline"], s["inits"]["adversarial"], s["inits"]["fullbatch"]):
         assert {"train_acc", "test_acc", "trace_hessian"} <= block.keys()
         assert 0.0 <= block["test_acc"] <= 1.0
-    for arm in ("adversarial/sgd", "adversarial/label_noise"):
+    for arm in ("adversarial/sgd", "adversarial/label_noise", "fullbatch/sgd", "fullbatch/label_noise"):
         run = s["runs"][arm]
         assert {"train_acc", "test_acc", "trace_hessian", "trace_curve"} <= run.keys()
         assert [e for e, _ in run["trace_curve"]] == [0, 1, 2]

@@ -30,27 +30,17 @@ from lnsgd.sweep import (
 from lnsgd.track import read_jsonl
 from lnsgd.train import train
 
-from .conftest import TINY, deep_update, one_line_error
+from .conftest import TINY, deep_update, one_line_error, same_weights, strip_timing, weights
 
 if not any(c.name in ("sweep", "sweep-status") for c in app.registered_commands):
     register(app)  # until lnsgd.cli registers the sweep commands itself
 
 SPECS = sorted((Path(__file__).parent.parent / "recipes" / "sweeps").glob("*.sweep"))
-TIMING = ("time_s", "throughput/img_per_s")
 GRID = ["--grid", "optim.lr=0.05,0.1", "--grid", "seed=0,1"]
 IDS = ["lr=0.05,seed=0", "lr=0.05,seed=1", "lr=0.1,seed=0", "lr=0.1,seed=1"]
 
 
-def strip_timing(rows):
-    return [{k: v for k, v in r.items() if k not in TIMING} for r in rows]
 
-
-def weights(path: Path) -> dict:
-    return torch.load(path, weights_only=True)["model"]
-
-
-def same_weights(a: dict, b: dict) -> bool:
-    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 @pytest.fixture(autouse=True, scope="module")

@@ -8,7 +8,6 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
@@ -19,21 +18,7 @@ from lnsgd.recipe import load_recipe
 from lnsgd.track import Progress, read_jsonl
 from lnsgd.train import Phase, plain_train_set, train
 
-from .conftest import one_line_error
-
-TIMING = ("time_s", "throughput/img_per_s")
-
-
-def strip_timing(rows):
-    return [{k: v for k, v in r.items() if k not in TIMING} for r in rows]
-
-
-def weights(path: Path) -> dict:
-    return torch.load(path, weights_only=True)["model"]
-
-
-def same_weights(a: dict, b: dict) -> bool:
-    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+from .conftest import one_line_error, same_weights, strip_timing, weights
 
 
 def test_train_cli_writes_a_complete_run_folder(cli, write_recipe, tmp_path):
