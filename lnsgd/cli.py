@@ -8,6 +8,7 @@ exit. Exit codes: 1 bad input or failed run, 2 usage, 3 diverged, 130 interrupte
 from __future__ import annotations
 
 import json
+import shlex
 import sys
 import warnings
 from collections.abc import Callable
@@ -116,7 +117,7 @@ def train(
     try:
         summary = run_train(r, run_dir, resume=resume, force=force, progress=_progress(quiet), sharpness_hook=sharpness_hook)
     except RunInterrupted as e:
-        raise fail(f"{e}: lnsgd train {recipe} {' '.join(overrides or [])} --resume".replace("  ", " "), 130) from None
+        raise fail(f"{e}: {shlex.join(['lnsgd', 'train', str(recipe), *(overrides or []), '--resume'])}", 130) from None
     _print_final(summary)
 
 
@@ -130,7 +131,7 @@ def _init_command(kind: str, recipe: Path, overrides, resume: bool, force: bool,
     try:
         summary = run_init(kind, r, out, resume=resume, force=force, progress=_progress(quiet), sharpness_hook=_sharpness_hook(r))
     except RunInterrupted as e:
-        raise fail(f"{e}: lnsgd init-{kind} {recipe} {' '.join(overrides or [])} --resume".replace("  ", " "), 130) from None
+        raise fail(f"{e}: {shlex.join(['lnsgd', f'init-{kind}', str(recipe), *(overrides or []), '--resume'])}", 130) from None
     init = summary["init"]
     acc = lambda v: f"{100 * v:.2f}%" if isinstance(v, float) else "—"  # noqa: E731
     console.print(

@@ -406,7 +406,7 @@ def _fit(problem: Problem, theta: torch.Tensor, steps: int, lr: float, progress:
     """Full-batch GD on the clean loss: reach an interpolating start for the three trajectories."""
     if steps == 0:
         return theta
-    progress.start(steps, 0, "theory: fit")
+    progress.start(steps, 0, "theory: fit", unit="steps")
     report = max(steps // 50, 1)
     for k in range(steps):
         theta = theta - lr * problem.grad(theta)
@@ -521,7 +521,7 @@ def _run(recipe: Recipe, run_dir: Path, device: torch.device, force: bool, progr
     chunk = 1000
     rows: list[dict] = []
     try:
-        progress.start(steps, 0, "theory")
+        progress.start(steps, 0, "theory", unit="steps")
         rows.append(row_at(0))
         sink.log(rows[-1])
         progress.advance(0, _progress_info(rows[-1], sqrt_lam))

@@ -145,7 +145,7 @@ class MetricsSink:
 class Progress:
     """What the loop reports to while it runs; the base class shows nothing (``--quiet``)."""
 
-    def start(self, total_epochs: int, done_epochs: int, description: str) -> None: ...
+    def start(self, total_epochs: int, done_epochs: int, description: str, unit: str = "epochs") -> None: ...
     def advance(self, epoch: int, info: dict) -> None: ...
     def message(self, text: str) -> None: ...
     def stop(self) -> None: ...
@@ -160,12 +160,12 @@ class RichProgress(Progress):
         self.console = console or Console(stderr=True)
         self.bar = None
 
-    def start(self, total_epochs: int, done_epochs: int, description: str) -> None:
+    def start(self, total_epochs: int, done_epochs: int, description: str, unit: str = "epochs") -> None:
         from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
         from rich.progress import Progress as Bar
 
         self.bar = Bar(
-            TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("epochs"),
+            TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn(unit),
             TimeElapsedColumn(), TimeRemainingColumn(), TextColumn("{task.fields[info]}"),
             console=self.console, transient=False,
         )  # fmt: skip

@@ -36,3 +36,29 @@ def test_demo_refuses_an_existing_folder(cli, tmp_path):
     (out / "keep.txt").write_text("mine")
     assert "already exists" in one_line_error(cli("demo", "--quick", "--out", out, "--quiet"))
     assert (out / "keep.txt").read_text() == "mine"
+
+
+def test_demo_stages_match_the_shipped_quickstart_recipes():
+    """The demo's adversarial init and arms are recipes/quickstart-adversarial.yaml and quickstart-escape.yaml."""
+    from pathlib import Path
+
+    from lnsgd.demo import arm_recipe, demo_recipes
+    from lnsgd.recipe import load_recipe, recipe_to_dict
+
+    recipes = Path(__file__).parent.parent / "recipes"
+    stages = demo_recipes()
+
+    def core(recipe) -> dict:
+        d = recipe_to_dict(recipe)
+        d["data"].pop("root")  # mnist1d is generated, not read from disk
+        return {k: d[k] for k in ("data", "model", "loss", "noise", "optim", "seed")} | {"init": d["init"]["adversarial"]}
+
+    shipped = load_recipe(recipes / "quickstart-adversarial.yaml")
+    assert core(stages["init-adversarial"]) == core(shipped)
+    assert stages["init-adversarial"].train.epochs == shipped.train.epochs
+    escape = load_recipe(recipes / "quickstart-escape.yaml")
+    arm = arm_recipe(stages, "adversarial", "label_noise", Path("x"))
+    for section in ("model", "loss", "noise", "optim"):
+        assert recipe_to_dict(arm)[section] == recipe_to_dict(escape)[section], section
+    assert arm.data.name == escape.data.name and arm.data.train_size == escape.data.train_size
+    assert arm.train.epochs == escape.train.epochs

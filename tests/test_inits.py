@@ -126,7 +126,7 @@ def test_init_adversarial_end_to_end_and_resume(cli, write_recipe, tmp_path):
     from lnsgd.track import Progress
 
     class StopInFit(Progress):
-        def start(self, total, done, description):
+        def start(self, total, done, description, unit="epochs"):
             self.phase = description
 
         def advance(self, epoch, info):

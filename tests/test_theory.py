@@ -84,7 +84,7 @@ class RecordingProgress(Progress):
     def __init__(self):
         self.calls = []
 
-    def start(self, total, done, description):
+    def start(self, total, done, description, unit="epochs"):
         self.calls.append(("start", total, done, description))
 
     def advance(self, done, info):
