@@ -301,11 +301,10 @@ def train(
     for ph in phases:
         _check_batch_size(ph.recipe, ph.train_set.n if ph.train_set else len(data.train_x))
 
-    if recipe.compile == "cuda-graphs" and device.type != "cuda":
-        raise LnsgdError("compile=cuda-graphs needs a CUDA device; use compile=off (or compile=default) on a CPU")
-    prepare_run_dir(run_dir, resume=resume, force=force)
+    # Everything that can fail on bad input (init.checkpoint, compile mode) comes before the run folder exists.
     model = make_model(recipe, data.spec, device)
     forward = compile_model(model, recipe.compile, device)  # the training step's view of the model
+    prepare_run_dir(run_dir, resume=resume, force=force)
 
     # Where we are: the phase, epochs done in it, batches done in the current epoch, the global step.
     state = {"phase": 0, "epoch": 0, "batch": 0, "step": 0, "time_s": 0.0, "wandb_id": None, "phase_done": False,

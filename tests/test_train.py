@@ -214,8 +214,9 @@ def test_bad_checkpoint_files(cli, write_recipe, tmp_path):
     text = tmp_path / "text.pt"
     text.write_text("hello")
     for path, fragment in ((trunc, "truncated, corrupt"), (notckpt, "not an lnsgd checkpoint"), (text, "truncated, corrupt")):
-        line = one_line_error(cli("train", write_recipe(), f"init.checkpoint={path}", "--quiet", "--force"))
+        line = one_line_error(cli("train", write_recipe(), f"init.checkpoint={path}", "--quiet"))
         assert fragment in line and str(path) in line
+        assert not (tmp_path / "runs" / "tiny").exists()  # a run that could not start leaves no folder behind
 
 
 def test_architecture_mismatch_names_tensors(cli, write_recipe, tmp_path):
