@@ -104,7 +104,7 @@ def run_demo(out: Path, *, force: bool = False, seed: int = 0, quick: bool = Fal
     from lnsgd.data import load
     from lnsgd.inits import run_init
     from lnsgd.measure import training_hook
-    from lnsgd.track import Progress
+    from lnsgd.track import Progress, read_jsonl
     from lnsgd.train import train
 
     out = Path(out)
@@ -159,7 +159,7 @@ def run_demo(out: Path, *, force: bool = False, seed: int = 0, quick: bool = Fal
             recipe = arm_recipe(stages, kind, arm, out / f"init-{kind}" / "final.pt", quick)
             run_dir = out / f"{kind}-{arm}"
             train(recipe, run_dir, progress=progress_factory(), sharpness_hook=training_hook(recipe, measure_recipe), command="demo")
-            rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+            rows = read_jsonl(run_dir / "metrics.jsonl")
             curve = [[r["epoch"], r["sharp/trace_hessian"]] for r in rows if r.get("sharp/trace_hessian") is not None]
             acc_curve = [[r["epoch"], r["test/acc"]] for r in rows]
             results["runs"][f"{kind}/{arm}"] = {

@@ -41,6 +41,7 @@ from typing import Any
 import yaml
 
 from lnsgd.errors import LnsgdError
+from lnsgd.track import read_jsonl
 
 RECIPE_FILE = "recipe.yaml"
 METRICS_FILE = "metrics.jsonl"
@@ -145,29 +146,9 @@ def read_metrics(path: str | Path) -> list[dict]:
     path = Path(path)
     if path.is_dir():
         path = path / METRICS_FILE
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise LnsgdError(f"cannot read {path}: {exc.strerror or exc}") from exc
-    lines = [(number, line) for number, line in enumerate(text.splitlines(), 1) if line.strip()]
-    rows = []
-    for index, (number, line) in enumerate(lines):
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            if index == len(lines) - 1:
-                break  # torn last line of a run in progress
-            raise LnsgdError(
-                f"{path}, line {number}: not valid JSON ({exc.msg}); every line but a "
-                "torn last one must be one JSON object"
-            ) from exc
-        if not isinstance(row, dict):
-            raise LnsgdError(
-                f"{path}, line {number}: expected a JSON object of metrics, "
-                f"got {type(row).__name__}"
-            )
-        rows.append(row)
-    return rows
+    if not path.is_file():
+        raise LnsgdError(f"cannot read {path}: no such file")
+    return read_jsonl(path)
 
 
 def is_run_folder(path: Path) -> bool:

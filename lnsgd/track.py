@@ -12,9 +12,12 @@ import math
 import os
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from lnsgd.recipe import WandbConfig
+from lnsgd.errors import LnsgdError
+
+if TYPE_CHECKING:  # keep this module light: lnsgd.plot reads metrics through it
+    from lnsgd.recipe import WandbConfig
 
 
 def _clean(value: Any) -> Any:
@@ -41,20 +44,33 @@ class JsonlSink:
 
 
 def read_jsonl(path: Path) -> list[dict]:
-    """Rows of a metrics.jsonl; a torn last line (a crash mid-write) is dropped."""
+    """Rows of a metrics.jsonl (none if it does not exist yet).
+
+    The last line may be torn while a run is writing it (or after a crash), so an
+    unparsable last line is dropped; an unparsable line anywhere else is an error
+    naming the file and line.
+    """
+    path = Path(path)
     if not path.exists():
         return []
-    lines = path.read_text().splitlines()
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise LnsgdError(f"cannot read {path}: {exc.strerror or exc}") from None
+    lines = [(number, line) for number, line in enumerate(text.splitlines(), 1) if line.strip()]
     rows = []
-    for i, line in enumerate(lines):
-        if not line.strip():
-            continue
+    for index, (number, line) in enumerate(lines):
         try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            if i == len(lines) - 1:
-                break
-            raise
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            if index == len(lines) - 1:
+                break  # torn last line of a run in progress
+            raise LnsgdError(
+                f"{path}, line {number}: not valid JSON ({exc.msg}); every line but a torn last one must be one JSON object"
+            ) from None
+        if not isinstance(row, dict):
+            raise LnsgdError(f"{path}, line {number}: expected a JSON object of metrics, got {type(row).__name__}")
+        rows.append(row)
     return rows
 
 
