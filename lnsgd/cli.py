@@ -12,6 +12,7 @@ import shlex
 import sys
 import warnings
 from collections.abc import Callable
+from contextlib import contextmanager
 from functools import wraps
 from pathlib import Path
 from typing import Annotated, Optional
@@ -36,6 +37,9 @@ OverridesArg = Annotated[
     Optional[list[str]], typer.Argument(help="key=value overrides of recipe fields, e.g. optim.lr=0.5 seed=1", show_default=False)
 ]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="no progress bar")]
+ResumeOpt = Annotated[bool, typer.Option("--resume", help="continue the run in its folder from checkpoints/last.pt")]
+ForceOpt = Annotated[bool, typer.Option("--force", help="delete an existing run folder of the same name and start over")]
+OutOpt = Annotated[Optional[Path], typer.Option("--out", help="run folder (default: <log.dir>/<name>)")]
 
 
 def fail(message: str, code: int = 1) -> typer.Exit:
@@ -99,9 +103,9 @@ def validate(
 def train(
     recipe: RecipeArg,
     overrides: OverridesArg = None,
-    resume: Annotated[bool, typer.Option("--resume", help="continue the run in its folder from checkpoints/last.pt")] = False,
-    force: Annotated[bool, typer.Option("--force", help="delete an existing run folder of the same name and start over")] = False,
-    out: Annotated[Optional[Path], typer.Option("--out", help="run folder (default: <log.dir>/<name>)")] = None,
+    resume: ResumeOpt = False,
+    force: ForceOpt = False,
+    out: OutOpt = None,
     quiet: QuietOpt = False,
 ) -> None:
     """Run label-noise (or plain) SGD from a recipe into a run folder."""
@@ -110,15 +114,21 @@ def train(
     from lnsgd.train import train as run_train
 
     r = load_recipe(recipe, overrides or [])
+    with _resumable("train", recipe, overrides, resume, force):
+        summary = run_train(r, run_dir_for(r, out), resume=resume, force=force, progress=_progress(quiet),
+                            sharpness_hook=_sharpness_hook(r))  # fmt: skip
+    _print_final(summary)
+
+
+@contextmanager
+def _resumable(command: str, recipe: Path, overrides, resume: bool, force: bool):
+    """Refuse --resume with --force; turn an interrupted run into one line with the command that resumes it."""
     if resume and force:
         raise fail("--resume and --force contradict each other: --resume continues the run, --force deletes it")
-    run_dir = run_dir_for(r, out)
-    sharpness_hook = _sharpness_hook(r)
     try:
-        summary = run_train(r, run_dir, resume=resume, force=force, progress=_progress(quiet), sharpness_hook=sharpness_hook)
+        yield
     except RunInterrupted as e:
-        raise fail(f"{e}: {shlex.join(['lnsgd', 'train', str(recipe), *(overrides or []), '--resume'])}", 130) from None
-    _print_final(summary)
+        raise fail(f"{e}: {shlex.join(['lnsgd', command, str(recipe), *(overrides or []), '--resume'])}", 130) from None
 
 
 def _init_command(kind: str, recipe: Path, overrides, resume: bool, force: bool, out, quiet: bool) -> None:
@@ -126,12 +136,8 @@ def _init_command(kind: str, recipe: Path, overrides, resume: bool, force: bool,
     from lnsgd.recipe import load_recipe
 
     r = load_recipe(recipe, overrides or [])
-    if resume and force:
-        raise fail("--resume and --force contradict each other: --resume continues the run, --force deletes it")
-    try:
+    with _resumable(f"init-{kind}", recipe, overrides, resume, force):
         summary = run_init(kind, r, out, resume=resume, force=force, progress=_progress(quiet), sharpness_hook=_sharpness_hook(r))
-    except RunInterrupted as e:
-        raise fail(f"{e}: {shlex.join(['lnsgd', f'init-{kind}', str(recipe), *(overrides or []), '--resume'])}", 130) from None
     init = summary["init"]
     acc = lambda v: f"{100 * v:.2f}%" if isinstance(v, float) else "—"  # noqa: E731
     console.print(
@@ -145,11 +151,6 @@ def _init_command(kind: str, recipe: Path, overrides, resume: bool, force: bool,
             err_console.print(f"[yellow]warning:[/] {init['warning']}", highlight=False, soft_wrap=True)
         else:
             raise fail(init["warning"], 4)
-
-
-ResumeOpt = Annotated[bool, typer.Option("--resume", help="continue the run in its folder from checkpoints/last.pt")]
-ForceOpt = Annotated[bool, typer.Option("--force", help="delete an existing run folder of the same name and start over")]
-OutOpt = Annotated[Optional[Path], typer.Option("--out", help="run folder (default: <log.dir>/<name>)")]
 
 
 @app.command("init-fullbatch")
