@@ -109,6 +109,7 @@ def train(
     quiet: QuietOpt = False,
 ) -> None:
     """Run label-noise (or plain) SGD from a recipe into a run folder."""
+    from lnsgd.measure import training_hook
     from lnsgd.recipe import load_recipe
     from lnsgd.train import run_dir_for
     from lnsgd.train import train as run_train
@@ -116,7 +117,7 @@ def train(
     r = load_recipe(recipe, overrides or [])
     with _resumable("train", recipe, overrides, resume, force):
         summary = run_train(r, run_dir_for(r, out), resume=resume, force=force, progress=_progress(quiet),
-                            sharpness_hook=_sharpness_hook(r))  # fmt: skip
+                            sharpness_hook=training_hook(r))  # fmt: skip
     _print_final(summary)
 
 
@@ -133,11 +134,12 @@ def _resumable(command: str, recipe: Path, overrides, resume: bool, force: bool)
 
 def _init_command(kind: str, recipe: Path, overrides, resume: bool, force: bool, out, quiet: bool) -> None:
     from lnsgd.inits import run_init
+    from lnsgd.measure import training_hook
     from lnsgd.recipe import load_recipe
 
     r = load_recipe(recipe, overrides or [])
     with _resumable(f"init-{kind}", recipe, overrides, resume, force):
-        summary = run_init(kind, r, out, resume=resume, force=force, progress=_progress(quiet), sharpness_hook=_sharpness_hook(r))
+        summary = run_init(kind, r, out, resume=resume, force=force, progress=_progress(quiet), sharpness_hook=training_hook(r))
     init = summary["init"]
     acc = lambda v: f"{100 * v:.2f}%" if isinstance(v, float) else "—"  # noqa: E731
     console.print(
@@ -318,15 +320,6 @@ def bench(
     console.print(table)
     if json_out is not None:
         json_out.write_text(json.dumps(r, indent=2, default=str))
-
-
-def _sharpness_hook(recipe):
-    """Periodic curvature measurements for train, if the recipe asks (filled in by lnsgd.sharpness)."""
-    if recipe.track.sharpness is None:
-        return None
-    from lnsgd.measure import training_hook
-
-    return training_hook(recipe)
 
 
 def _print_final(summary: dict) -> None:

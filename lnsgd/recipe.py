@@ -353,6 +353,25 @@ def recipe_from_dict(raw: dict, source: str = "recipe") -> Recipe:
     return validate_mapping(raw, source)
 
 
+# What a run may change when it resumes: more epochs, other wandb settings.
+RESUME_TOLERATED = ("train.epochs", "log.wandb")
+
+
+def recipe_differences(new: dict, old: dict, ignore: tuple[str, ...] = (), prefix: str = "") -> list[tuple[str, Any, Any]]:
+    """(dotted key, old value, new value) wherever two recipe mappings differ; keys under an ``ignore`` prefix are skipped."""
+    diffs: list[tuple[str, Any, Any]] = []
+    for k in sorted(set(new) | set(old)):
+        key = f"{prefix}{k}"
+        if key.startswith(ignore):
+            continue
+        a, b = new.get(k), old.get(k)
+        if isinstance(a, dict) and isinstance(b, dict):
+            diffs += recipe_differences(a, b, ignore, f"{key}.")
+        elif a != b:
+            diffs.append((key, b, a))
+    return diffs
+
+
 # --------------------------------------------------------------------------- derived values
 
 

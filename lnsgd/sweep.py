@@ -86,7 +86,16 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from lnsgd.errors import LnsgdError, RunInterrupted
-from lnsgd.recipe import Recipe, load_recipe, parse_override, read_yaml, recipe_from_dict, recipe_to_dict
+from lnsgd.recipe import (
+    RESUME_TOLERATED,
+    Recipe,
+    load_recipe,
+    parse_override,
+    read_yaml,
+    recipe_differences,
+    recipe_from_dict,
+    recipe_to_dict,
+)
 
 FORMAT = "lnsgd-sweep-1"
 SWEEP_FILE = "sweep.json"
@@ -100,7 +109,6 @@ PATH_KEYS = ("data.root", "init.checkpoint", "log.dir")
 # Keys the sweep sets itself: the run folder and name come from the point id.
 RESERVED_KEYS = ("name", "log.dir")
 # Differences a resumed run tolerates (lnsgd.train refuses any other on --resume).
-TOLERATED = ("train.epochs", "log.wandb")
 
 # --------------------------------------------------------------------------- grid values
 
@@ -511,16 +519,9 @@ def run_state(run_dir: Path, epochs: int) -> str:
     return "fresh"
 
 
-def _differences(a: Any, b: Any, prefix: str = "") -> list[str]:
-    """Dotted keys where two nested mappings differ, ignoring what a resume tolerates."""
-    if isinstance(a, dict) and isinstance(b, dict):
-        out = []
-        for k in sorted(set(a) | set(b)):
-            key = f"{prefix}{k}"
-            if not key.startswith(TOLERATED):
-                out += _differences(a.get(k), b.get(k), key + ".")
-        return out
-    return [] if a == b else [prefix.rstrip(".")]
+def _differences(new: dict, old: dict) -> list[str]:
+    """Dotted keys where two recipes differ, ignoring what a resume tolerates."""
+    return [key for key, _, _ in recipe_differences(new, old, RESUME_TOLERATED)]
 
 
 def _stored_recipe(run_dir: Path) -> dict | None:
@@ -942,6 +943,7 @@ def _define_point_job():
             self.run_dir = run_dir
 
         def __call__(self) -> dict:
+            from lnsgd.measure import training_hook
             from lnsgd.train import train
 
             recipe = recipe_from_dict(self.recipe)
@@ -952,7 +954,7 @@ def _define_point_job():
             resume = state == "resumable"
             with _checkpoint_on_preemption() as preempted:
                 try:
-                    return train(recipe, run_dir, resume=resume, force=not resume, sharpness_hook=_sharpness_hook(recipe))
+                    return train(recipe, run_dir, resume=resume, force=not resume, sharpness_hook=training_hook(recipe))
                 except RunInterrupted:
                     if preempted.pending is None:
                         raise  # cancelled (scancel / Ctrl-C): the sweep reports it interrupted
@@ -967,14 +969,6 @@ def _define_point_job():
     PointJob.__module__ = __name__
     PointJob.__qualname__ = "PointJob"
     return PointJob
-
-
-def _sharpness_hook(recipe: Recipe):
-    if recipe.track.sharpness is None:
-        return None
-    from lnsgd.sharpness import training_hook
-
-    return training_hook(recipe)
 
 
 class _checkpoint_on_preemption:

@@ -36,7 +36,7 @@ from lnsgd.errors import DivergedError, LnsgdError, RunInterrupted
 from lnsgd.losses import clean_loss, expected_loss
 from lnsgd.models import DataSpec, build_model
 from lnsgd.noise import apply_noise
-from lnsgd.recipe import Recipe, lambda_eff, lr_at, recipe_to_dict, recipe_to_yaml, steps_per_epoch
+from lnsgd.recipe import RESUME_TOLERATED, Recipe, lambda_eff, lr_at, recipe_differences, recipe_to_dict, recipe_to_yaml, steps_per_epoch
 from lnsgd.track import MetricsSink, Progress, read_jsonl, truncate_jsonl
 
 # --------------------------------------------------------------------------- set-up helpers
@@ -212,18 +212,6 @@ def environment_info(device: torch.device) -> dict:
     return info
 
 
-def _recipe_differences(a: dict, b: dict, prefix: str = "") -> list[str]:
-    keys = sorted(set(a) | set(b))
-    diffs = []
-    for k in keys:
-        va, vb = a.get(k), b.get(k)
-        if isinstance(va, dict) and isinstance(vb, dict):
-            diffs += _recipe_differences(va, vb, f"{prefix}{k}.")
-        elif va != vb:
-            diffs.append(f"{prefix}{k}: {vb!r} → {va!r}")
-    return diffs
-
-
 # --------------------------------------------------------------------------- stop signals
 
 
@@ -317,8 +305,8 @@ def train(
     resumed = None
     if resume:
         resumed = read_checkpoint(ckpt_path, map_location=device)
-        diffs = [d for d in _recipe_differences(recipe_to_dict(recipe), resumed["recipe"])
-                 if not d.startswith(("train.epochs", "log.wandb"))]  # fmt: skip
+        diffs = [f"{key}: {was!r} → {now!r}"
+                 for key, was, now in recipe_differences(recipe_to_dict(recipe), resumed["recipe"], RESUME_TOLERATED)]  # fmt: skip
         if diffs:
             raise LnsgdError(
                 f"--resume with a recipe that differs from the run's ({'; '.join(diffs[:3])}); "

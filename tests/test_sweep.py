@@ -381,6 +381,19 @@ def test_submitit_job_checkpoints_on_preemption_and_the_requeued_job_resumes_exa
     assert strip_timing(read_jsonl(long_reference / "metrics.jsonl")) == strip_timing(read_jsonl(tmp_path / "run/metrics.jsonl"))
 
 
+def test_submitit_job_tracks_sharpness_like_lnsgd_train(tmp_path):
+    """A point job trains in-process, so it must attach the same sharpness hook as `lnsgd train`."""
+    pytest.importorskip("submitit")
+    from lnsgd.sweep import PointJob
+
+    extra = {"model": {"width": 8}, "track": {"sharpness": {"every": 1, "examples": 50, "hvps": 8}}}
+    recipe = load_recipe(write_tiny(tmp_path, extra), ["seed=0"])
+    PointJob(recipe_to_dict(recipe), str(tmp_path / "run"))()
+    rows = read_jsonl(tmp_path / "run/metrics.jsonl")
+    assert [r["epoch"] for r in rows] == [0, 1, 2]
+    assert all(r["sharp/trace_hessian"] is not None for r in rows)
+
+
 # --------------------------------------------------------------------------- submitit executor end to end
 
 
