@@ -11,8 +11,11 @@ length ``dim`` to another, or a dense symmetric 2-D tensor — and a
 - ``estimate_R``          Damian, Ma & Lee's regularizer R(θ) by deflated SLQ
 - ``spectral_density``    stochastic Lanczos quadrature nodes and weights
 
-``trace_gauss_newton`` estimates tr G from vector-Jacobian products only, and
-``R_exact`` is the closed form of R from eigenvalues (for tests and theory).
+For a model's loss, ``trace_hessian`` splits tr∇²L = tr G + tr(∇²L − G): the
+Gauss–Newton part exactly from per-example Jacobians (``exact_trace_gauss_newton``),
+only the small residual by probes (``residual_matvec``). ``trace_gauss_newton``
+estimates tr G from vector-Jacobian products only, and ``R_exact`` is the closed
+form of R from eigenvalues (for tests and theory).
 
 Dtype and device of the random probes: the ``dtype=``/``device=`` keyword if
 given, else the operator's ``.dtype``/``.device`` attribute (``hessian_matvec``
@@ -45,6 +48,7 @@ __all__ = [
     "REstimate",
     "RUndefinedError",
     "R_exact",
+    "SplitTraceEstimate",
     "SmoothedCrossEntropy",
     "TraceEstimate",
     "cross_entropy_loss",
@@ -52,15 +56,18 @@ __all__ = [
     "estimate_R",
     "estimate_trace",
     "evaluation_mode",
+    "exact_trace_gauss_newton",
     "flatten_params",
     "hessian_matvec",
     "lanczos",
     "mse_loss",
+    "residual_matvec",
     "ritz_pairs",
     "smoothed_cross_entropy",
     "spectral_density",
     "top_eigenvalues",
     "trace_gauss_newton",
+    "trace_hessian",
     "uncompiled",
 ]
 
@@ -934,9 +941,9 @@ def _loss_kind(loss_fn) -> str:
         kind = "cross_entropy"  # label smoothing leaves the logit Hessian unchanged
     if kind not in ("cross_entropy", "mse"):
         raise LnsgdError(
-            "trace_gauss_newton needs a loss with .kind 'cross_entropy' or 'mse' "
+            "tr G (and the split tr∇²L built on it) needs a loss with .kind 'cross_entropy' or 'mse' "
             "(lnsgd.curvature.cross_entropy_loss, smoothed_cross_entropy(p, C) or mse_loss); "
-            f"got {loss_fn!r}"
+            f"got {loss_fn!r}; for other losses estimate tr∇²L with trace_method='xtrace'"
         )
     return kind
 
@@ -1023,3 +1030,238 @@ def trace_gauss_newton(
                 on_sample()
     value, stderr = _mean_and_stderr(torch.tensor(samples))
     return TraceEstimate(value, stderr, backward_passes, "gauss_newton_vjp")
+
+
+# ---------------------------------------------------------------------------
+# tr G exactly, and tr∇²L as tr G + tr(∇²L − G).
+# ---------------------------------------------------------------------------
+
+
+def _output_hessians(kind: str, out: Tensor) -> Tensor:
+    """Λᵢ = ∇²ℓᵢ in example i's outputs, (b, k, k), for the per-example loss ℓᵢ."""
+    flat = out.reshape(out.shape[0], -1)
+    if kind == "mse":  # ½‖f − y‖²
+        return torch.eye(flat.shape[1], dtype=flat.dtype, device=flat.device).expand(flat.shape[0], -1, -1)
+    p = flat.softmax(1)  # cross-entropy, label-smoothed or not: diag(p) − ppᵀ
+    return torch.diag_embed(p) - p.unsqueeze(2) * p.unsqueeze(1)
+
+
+def _per_example_linear(model: nn.Module, params: list[nn.Parameter], x: Tensor) -> list[nn.Linear]:
+    """The ``nn.Linear`` modules whose Jacobian Gram can be read off their inputs and
+    output gradients: called once per forward, on (b, d) inputs, every parameter trainable."""
+    trainable = {id(p) for p in params}
+    calls: dict[nn.Module, list[int]] = {}
+    hooks = [
+        m.register_forward_hook(lambda mod, inp, out: calls.setdefault(mod, []).append(inp[0].ndim))
+        for m in model.modules()
+        if isinstance(m, nn.Linear)
+        and id(m.weight) in trainable
+        and (m.bias is None or id(m.bias) in trainable)
+    ]
+    try:
+        with torch.no_grad():
+            model(x[:1])
+    finally:
+        for h in hooks:
+            h.remove()
+    return [m for m, ndims in calls.items() if ndims == [2]]
+
+
+def _jacobian_grams(model: nn.Module, names: list[str], params: list[nn.Parameter], x: Tensor, linear: list[nn.Linear]) -> Tensor:
+    """Kᵢ = JᵢJᵢᵀ, (b, k, k), for the examples in ``x``: Jᵢ is ∂fᵢ/∂θ (k × dim).
+
+    K is a sum over parameter tensors. For a ``linear`` module with input aᵢ and
+    output zᵢ, ∂f_c/∂W = (∂f_c/∂zᵢ) aᵢᵀ, so its share is (‖aᵢ‖² + 1)·⟨∂f_c/∂zᵢ, ∂f_c'/∂zᵢ⟩
+    (the 1 for the bias): k batched backward passes, no per-example weight
+    gradients (the "ghost norm" of Goodfellow 2015, as in per-example gradient
+    clipping). The other parameters' share comes from per-example Jacobians
+    (``torch.func.vmap`` of ``jacrev``). Examples must not interact in eval mode.
+    """
+    in_linear = {id(p) for m in linear for p in m.parameters()}
+    grams = None
+    if linear:
+        saved: dict[nn.Module, tuple[Tensor, Tensor]] = {}
+        hooks = [m.register_forward_hook(lambda mod, inp, out: saved.__setitem__(mod, (inp[0], out))) for m in linear]
+        try:
+            out = model(x)
+        finally:
+            for h in hooks:
+                h.remove()
+        out = out.reshape(out.shape[0], -1)
+        outputs = [saved[m][1] for m in linear]
+        per_class = [
+            torch.autograd.grad(out[:, c].sum(), outputs, retain_graph=c < out.shape[1] - 1, allow_unused=True)
+            for c in range(out.shape[1])
+        ]
+        for j, m in enumerate(linear):
+            a = saved[m][0].detach()
+            g = torch.stack([pc[j] if pc[j] is not None else torch.zeros_like(outputs[j]) for pc in per_class], 1)
+            scale = a.pow(2).sum(1) + (0.0 if m.bias is None else 1.0)
+            gram = scale.view(-1, 1, 1) * (g @ g.transpose(1, 2))
+            grams = gram if grams is None else grams + gram
+    rest = [(name, p) for name, p in zip(names, params, strict=True) if id(p) not in in_linear]
+    if rest:
+        rest_names, rest_params = [n for n, _ in rest], [p for _, p in rest]
+
+        def output(ps: tuple[Tensor, ...], xi: Tensor) -> Tensor:
+            return torch.func.functional_call(model, dict(zip(rest_names, ps, strict=True)), (xi.unsqueeze(0),)).reshape(-1)
+
+        # Tied parameters (one tensor under several names): torch.func.functional_call
+        # left such a model differentiating stale tensors after a few calls (torch
+        # 2.14: the tied layer's share of tr G vanished). They take the loop.
+        tied = len(list(model.named_parameters(remove_duplicate=False))) != len(list(model.named_parameters()))
+        try:
+            if tied:
+                raise NotImplementedError("tied parameters")
+            jacobians = torch.func.vmap(torch.func.jacrev(output), in_dims=(None, 0))(tuple(rest_params), x)
+        except (RuntimeError, NotImplementedError):
+            # A module torch.func cannot batch (in-place ops on captured tensors, custom
+            # autograd functions) or tied parameters: one backward per example and output.
+            jacobians = None
+            gram = torch.stack([_jacobian_gram_looped(model, rest_params, xi) for xi in x])
+            grams = gram if grams is None else grams + gram
+        for jac in jacobians or ():
+            j = jac.reshape(jac.shape[0], jac.shape[1], -1)
+            gram = j @ j.transpose(1, 2)
+            grams = gram if grams is None else grams + gram
+    return grams.detach()
+
+
+def _jacobian_gram_looped(model: nn.Module, params: list[nn.Parameter], xi: Tensor) -> Tensor:
+    out = model(xi.unsqueeze(0)).reshape(-1)
+    rows = []
+    for c in range(out.numel()):
+        grads = torch.autograd.grad(out[c], params, retain_graph=c < out.numel() - 1, allow_unused=True)
+        rows.append(torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1) for g, p in zip(grads, params, strict=True)]))
+    j = torch.stack(rows)
+    return j @ j.T
+
+
+def exact_trace_gauss_newton(
+    model,
+    loss_fn,
+    inputs,
+    targets,
+    chunk_size: int = 1024,
+    *,
+    max_jacobian_elements: int = 2**26,
+    on_chunk: Callable[[int, int], None] | None = None,
+) -> TraceEstimate:
+    """tr G exactly: (1/n)·Σᵢ tr(Λᵢ JᵢJᵢᵀ), G the Gauss–Newton matrix of the mean loss.
+
+    Jᵢ (k × dim) is the Jacobian of example i's k outputs, from per-example
+    reverse-mode Jacobians (``torch.func.vmap`` of ``jacrev``; one backward per
+    example and output where a model cannot be vmapped), and Λᵢ the Hessian of
+    the loss in the outputs: diag(pᵢ) − pᵢpᵢᵀ for cross-entropy (label-smoothed
+    or not) and I for ``mse_loss`` (½‖f − y‖²), from ``loss_fn.kind``. Cost: the
+    work of about k gradients over the examples; memory: the Jacobians of a
+    block of examples, at most ``max_jacobian_elements`` numbers (and at most
+    ``chunk_size`` examples). No randomness: ``stderr`` is 0. ``on_chunk(done,
+    n)`` is called after each block. Model in eval mode, as for the HVPs.
+    """
+    kind = _loss_kind(loss_fn)
+    model = uncompiled(model)
+    names, params = _trainable(model)
+    _refuse_dropout(model)
+    n = _check_data(inputs, targets, chunk_size)
+    _check_int("max_jacobian_elements", max_jacobian_elements, 1)
+    dtype, device = params[0].dtype, params[0].device
+    dim = sum(p.numel() for p in params)
+    total = torch.zeros((), dtype=torch.float64, device=device)
+    with evaluation_mode(model), _no_autocast(device):
+        first = _to_model(inputs[:1], dtype, device)
+        with torch.no_grad():
+            k = model(first).numel()
+        linear = _per_example_linear(model, params, first)
+        vmapped = dim - sum(p.numel() for m in linear for p in m.parameters())
+        block = max(1, min(chunk_size, max_jacobian_elements // (k * max(vmapped, 1))))
+        for start in range(0, n, block):
+            x = _to_model(inputs[start : min(start + block, n)], dtype, device)
+            with torch.no_grad():
+                lam = _output_hessians(kind, model(x))
+            with torch.enable_grad():
+                grams = _jacobian_grams(model, names, params, x, linear)
+            total += (lam * grams).sum().double()  # Σᵢ tr(ΛᵢKᵢ): both symmetric
+            if on_chunk is not None:
+                on_chunk(min(start + block, n), n)
+    return TraceEstimate(float(total) / n, 0.0, 0, "gauss_newton_exact")
+
+
+class _ResidualLoss:
+    """φ(f) = mean over the chunk of ⟨fᵢ, rᵢ⟩ with rᵢ = ∂ℓᵢ/∂fᵢ frozen (passed as the targets)."""
+
+    def __call__(self, out: Tensor, weights: Tensor) -> Tensor:
+        return (out.reshape(out.shape[0], -1) * weights.reshape(weights.shape[0], -1)).sum(1).mean()
+
+    def __repr__(self) -> str:
+        return "residual term Σᵢ⟨∂ℓᵢ/∂fᵢ, fᵢ(θ)⟩"
+
+
+def residual_matvec(model, loss_fn, inputs, targets, chunk_size: int = 1024) -> tuple[HessianOperator, int]:
+    """The Hessian's non-Gauss–Newton part ∇²L − G as a matrix-free operator: ``(matvec, dim)``.
+
+    ∇²L = G + (1/n)·Σᵢ Σ_c (∂ℓᵢ/∂f_c)·∇²f_c(xᵢ), and the second term is the
+    Hessian of φ(θ) = (1/n)·Σᵢ⟨rᵢ, fᵢ(θ)⟩ with rᵢ = ∂ℓᵢ/∂fᵢ held at the current θ.
+    Its products cost what a Hessian's do. It vanishes where the residuals do
+    (a loss fit exactly) and its diagonal block of each layer vanishes where the
+    network is linear in that layer (ReLU networks without GroupNorm): then its
+    trace is exactly 0.
+    """
+    model = uncompiled(model)
+    _, params = _trainable(model)
+    n = _check_data(inputs, targets, chunk_size)
+    dtype, device = params[0].dtype, params[0].device
+    weights = []
+    with evaluation_mode(model), _no_autocast(device), torch.enable_grad():
+        for start in range(0, n, chunk_size):
+            stop = min(start + chunk_size, n)
+            with torch.no_grad():
+                out = model(_to_model(inputs[start:stop], dtype, device))
+            out.requires_grad_(True)
+            # loss_fn is a batch mean: its gradient is ∂ℓᵢ/∂fᵢ / b.
+            (grad,) = torch.autograd.grad(loss_fn(out, _to_model(targets[start:stop], dtype, device)), out)
+            weights.append((grad * (stop - start)).detach())
+    return hessian_matvec(model, _ResidualLoss(), inputs, torch.cat(weights), chunk_size)
+
+
+class SplitTraceEstimate(NamedTuple):
+    """tr∇²L = tr G (exact) + tr(∇²L − G) (estimated): ``value`` and its ``stderr``,
+    ``trace_gn`` and ``residual`` the two parts, ``num_matvecs`` the residual's products."""
+
+    value: float
+    stderr: float
+    num_matvecs: int
+    method: str
+    trace_gn: float
+    residual: float
+
+
+def trace_hessian(
+    model,
+    loss_fn,
+    inputs,
+    targets,
+    num_matvecs: int,
+    generator: torch.Generator | None = None,
+    chunk_size: int = 1024,
+    *,
+    residual_method: str = "xtrace",
+) -> SplitTraceEstimate:
+    """tr∇²L of a model's mean loss, split as tr G + tr(∇²L − G).
+
+    tr G comes exactly from per-example Jacobians (``exact_trace_gauss_newton``)
+    and only the residual ∇²L − G (``residual_matvec``) is estimated, by
+    ``estimate_trace`` with ``residual_method`` (XTrace by default: the residual
+    of a ReLU network has zero diagonal blocks and a few large eigenvalues of both
+    signs, which XTrace deflates) and ``num_matvecs`` products. The error is that
+    of the residual alone, whose Frobenius norm near a minimizer is a small part
+    of the Hessian's: see benchmarks/bench_trace.py. Memory: XTrace keeps about
+    2·``num_matvecs`` vectors of the parameters' size (``residual_method=
+    "hutchinson"``: one).
+    Needs ``loss_fn.kind`` (cross-entropy or mse); for other losses use
+    ``estimate_trace(hessian_matvec(...))``.
+    """
+    gn = exact_trace_gauss_newton(model, loss_fn, inputs, targets, chunk_size)
+    op, dim = residual_matvec(model, loss_fn, inputs, targets, chunk_size)
+    rest = estimate_trace(op, dim, num_matvecs, generator, method=residual_method)
+    return SplitTraceEstimate(gn.value + rest.value, rest.stderr, rest.num_matvecs, "split", gn.value, rest.value)
