@@ -203,6 +203,9 @@ def measure_sharpness(
     momentum: Annotated[Optional[float], typer.Option("--momentum", help="β of R(θ) (default: the checkpoint's optim.momentum)")] = None,
     examples: Annotated[Optional[int], typer.Option("--examples", help="first N training examples (default: 5000 or all)")] = None,
     hvps: Annotated[int, typer.Option("--hvps", help="Hessian-vector products per estimate")] = 100,
+    trace_method: Annotated[
+        str, typer.Option("--trace-method", help="split (exact tr G + probes of ∇²L − G), xtrace, hutchpp or hutchinson")
+    ] = "split",
     top_k: Annotated[int, typer.Option("--top-k", help="number of top eigenvalues")] = 1,
     seed: Annotated[int, typer.Option("--seed", help="seed of the random probes")] = 0,
     loss: Annotated[str, typer.Option("--loss", help="expected (over the recipe's label noise) or clean")] = "expected",
@@ -221,6 +224,10 @@ def measure_sharpness(
         raise fail(f"--loss {loss!r}: expected 'expected' or 'clean'")
     if device not in ("auto", "cpu", "cuda"):
         raise fail(f"--device {device!r}: expected auto, cpu or cuda")
+    from lnsgd.sharpness import TRACE_METHODS
+
+    if trace_method not in TRACE_METHODS:
+        raise fail(f"--trace-method {trace_method!r}: expected one of {', '.join(TRACE_METHODS)}")
     bar = None
     if not quiet:
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -234,6 +241,7 @@ def measure_sharpness(
             checkpoint, eta=eta, momentum=momentum, examples=examples, hvps=hvps, top_k=top_k, seed=seed, which=loss,
             measures=tuple(measures) if measures else ("trace", "lambda_max", "trace_gn", "R"), device=device, density=density,
             progress=(lambda done, total: bar.update(task, completed=done, total=total)) if bar else None,
+            trace_method=trace_method,
         )  # fmt: skip
     finally:
         if bar is not None:
@@ -244,11 +252,13 @@ def measure_sharpness(
     table.add_column("quantity")
     table.add_column("value", justify="right")
     fmt = lambda v, e=None: "—" if v is None else (f"{v:.6g} ± {e:.2g}" if e is not None else f"{v:.6g}")  # noqa: E731
-    table.add_row("tr ∇²L", fmt(result["trace_hessian"], result["trace_hessian_stderr"]))
+    table.add_row(f"tr ∇²L ({result['trace_method']})", fmt(result["trace_hessian"], result["trace_hessian_stderr"]))
+    if result["trace_residual"] is not None:
+        table.add_row("  of which tr(∇²L − G)", fmt(result["trace_residual"], result["trace_hessian_stderr"]))
     table.add_row("λ_max", fmt(result["lambda_max"]))
     if result["top_eigenvalues"] and len(result["top_eigenvalues"]) > 1:
         table.add_row(f"top {len(result['top_eigenvalues'])} eigenvalues", ", ".join(f"{v:.5g}" for v in result["top_eigenvalues"]))
-    table.add_row("tr G (Gauss–Newton)", fmt(result["trace_gn"], result["trace_gn_stderr"]))
+    table.add_row("tr G (Gauss–Newton, exact)", fmt(result["trace_gn"]))
     table.add_row(f"R(θ) at η={result['eta']:g}, β={result['momentum']:g}", fmt(result["R"], result["R_stderr"]))
     if result["R_bound_eta"]:
         table.add_row("R defined for η <", f"{result['R_bound_eta']:.4g}")

@@ -153,6 +153,9 @@ class SharpnessTrack(Section):
     loss: Literal["expected", "clean"] = Field(
         "expected", description="Hessian of the expected (over the noise) or clean loss"
     )
+    trace_method: Literal["split", "xtrace", "hutchpp", "hutchinson"] = Field(
+        "split", description="tr∇²L estimator: split (exact tr G + probes of ∇²L − G), or xtrace/hutchpp/hutchinson on ∇²L"
+    )
 
 
 class TrackConfig(Section):

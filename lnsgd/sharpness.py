@@ -20,6 +20,7 @@ from lnsgd import curvature
 from lnsgd.errors import LnsgdError
 
 MEASURES = ("trace", "lambda_max", "trace_gn", "R")
+TRACE_METHODS = ("split", "xtrace", "hutchpp", "hutchinson")
 
 
 class _CountingMatvec:
@@ -65,21 +66,23 @@ def measure_sharpness(
     chunk_size: int = 1024,
     progress: Callable[[int, int], None] | None = None,
     skip_undefined_R: bool = False,
-    gn_samples: int | None = None,
-    trace_method: str = "xtrace",
+    trace_method: str = "split",
 ) -> dict:
     """Curvature of the mean of ``loss_fn`` over ``(inputs, targets)`` at the model's θ.
 
-    measures: any of "trace" (tr∇²L by ``trace_method``, default XTrace),
-        "lambda_max" (top ``top_k`` eigenvalues by Lanczos), "trace_gn" (tr G from
-        VJPs, needs a loss with ``.kind``) and "R" (R(θ) for learning rate
-        ``eta`` and ``momentum`` by deflated SLQ).
+    measures: any of "trace" (tr∇²L by ``trace_method``), "lambda_max" (top
+        ``top_k`` eigenvalues by Lanczos), "trace_gn" (tr G, exact, from
+        per-example Jacobians; needs a loss with ``.kind``) and "R" (R(θ) for
+        learning rate ``eta`` and ``momentum`` by deflated SLQ).
+    trace_method: "split" (default; ``curvature.trace_hessian``: exact tr G plus
+        XTrace with ``hvps`` products of ∇²L − G, needs a loss with ``.kind``; tr G
+        then comes for free) or an ``estimate_trace`` method on ∇²L itself:
+        "xtrace", "hutchpp", "hutchinson".
     hvps: Hessian-vector products per estimator. When R is measured, its
         deflation Lanczos run (70% of ``hvps``) also yields λ_max and the top
         eigenvalues, so they cost nothing extra; otherwise they get their own run
-        of min(hvps, max(30, 3·top_k)) products.
-    gn_samples: samples for tr G (default hvps/4). Each is one forward and C
-        backward passes (C classes, up to 32) or one (mse), over the examples.
+        of min(hvps, max(30, 3·top_k)) products. Exact tr G costs about C
+        gradients over the examples (C outputs) and counts as one progress unit.
     skip_undefined_R: if η ≥ 2(1+β)/λ_max, record ``sharp/R`` as None instead
         of raising the ``LnsgdError`` (for tracking during training).
     progress: called as progress(done, total) after every HVP or tr G sample
@@ -99,9 +102,9 @@ def measure_sharpness(
     measures = _check_measures(measures)
     curvature._check_int("hvps", hvps, 10 if "R" in measures else 4)
     curvature._check_int("top_k", top_k, 1)
-    if gn_samples is None:
-        gn_samples = max(hvps // 4, 2)
-    curvature._check_int("gn_samples", gn_samples, 2)
+    if trace_method not in TRACE_METHODS:
+        raise LnsgdError(f"trace_method must be one of {', '.join(TRACE_METHODS)}; got {trace_method!r}")
+    split = "trace" in measures and trace_method == "split"
     if "R" in measures:
         if eta is None:
             raise LnsgdError("eta (the learning rate η) is required to measure R(θ); pass eta=… or drop 'R'")
@@ -119,7 +122,7 @@ def measure_sharpness(
     total = (
         (hvps if "R" in measures else eigen_iters if wants_eigen else 0)
         + (hvps if "trace" in measures else 0)
-        + (gn_samples if "trace_gn" in measures else 0)
+        + (1 if "trace_gn" in measures or split else 0)
     )
     matvec = _CountingMatvec(op, progress, total)
     result: dict = {}
@@ -139,18 +142,28 @@ def measure_sharpness(
                     if not skip_undefined_R:
                         raise
                     result["sharp/R"], result["sharp/R_stderr"] = None, None
-        if "trace" in measures:
+        if "trace" in measures and not split:
             tr = curvature.estimate_trace(matvec, dim, hvps, generator, method=trace_method)
             result["sharp/trace_hessian"] = tr.value
             result["sharp/trace_hessian_stderr"] = tr.stderr
         hvp_count = matvec.count
-        op.release()  # free the cached gradient graph before tr G builds its own
-        if "trace_gn" in measures:
-            gn = curvature.trace_gauss_newton(
-                model, loss_fn, inputs, targets, gn_samples, generator, chunk_size, on_sample=matvec.tick
-            )
-            result["sharp/trace_gn"] = gn.value
-            result["sharp/trace_gn_stderr"] = gn.stderr
+        op.release()  # free the cached gradient graph before the next one is built
+        if split or "trace_gn" in measures:
+            gn = curvature.exact_trace_gauss_newton(model, loss_fn, inputs, targets, chunk_size)
+            matvec.tick()
+            if "trace_gn" in measures:
+                result["sharp/trace_gn"] = gn.value
+                result["sharp/trace_gn_stderr"] = 0.0
+        if split:
+            residual_op, _ = curvature.residual_matvec(model, loss_fn, inputs, targets, chunk_size)
+            residual = _CountingMatvec(residual_op, progress, total)
+            residual.done = matvec.done
+            rest = curvature.estimate_trace(residual, dim, hvps, generator, method="xtrace")
+            residual_op.release()
+            hvp_count += residual.count
+            result["sharp/trace_hessian"] = gn.value + rest.value
+            result["sharp/trace_hessian_stderr"] = rest.stderr
+            result["trace_residual"] = rest.value
     if progress is not None:
         progress(total, total)
     result["hvps"] = hvp_count
