@@ -204,8 +204,9 @@ def measure_sharpness(
     examples: Annotated[Optional[int], typer.Option("--examples", help="first N training examples (default: 5000 or all)")] = None,
     hvps: Annotated[int, typer.Option("--hvps", help="Hessian-vector products per estimate")] = 100,
     trace_method: Annotated[
-        str, typer.Option("--trace-method", help="split (exact tr G + probes of ∇²L − G), xtrace, hutchpp or hutchinson")
-    ] = "split",
+        str,
+        typer.Option("--trace-method", help="auto (exact tr G + a pilot picks ∇²L − G or ∇²L), split, xtrace, hutchpp or hutchinson"),
+    ] = "auto",
     top_k: Annotated[int, typer.Option("--top-k", help="number of top eigenvalues")] = 1,
     seed: Annotated[int, typer.Option("--seed", help="seed of the random probes")] = 0,
     loss: Annotated[str, typer.Option("--loss", help="expected (over the recipe's label noise) or clean")] = "expected",

@@ -51,6 +51,7 @@ __all__ = [
     "SplitTraceEstimate",
     "SmoothedCrossEntropy",
     "TraceEstimate",
+    "choose_trace",
     "cross_entropy_loss",
     "dense_hessian",
     "estimate_R",
@@ -1236,6 +1237,53 @@ class SplitTraceEstimate(NamedTuple):
     residual: float
 
 
+def choose_trace(
+    hessian: Matvec | Tensor,
+    residual: Matvec | Tensor,
+    dim: int,
+    trace_gn: float,
+    num_matvecs: int,
+    generator: torch.Generator | None = None,
+    *,
+    pilot: int | None = None,
+    dtype: torch.dtype | None = None,
+    device=None,
+) -> SplitTraceEstimate:
+    """tr A for A = G + (A − G) with tr G = ``trace_gn`` known: probe whichever of A or
+    the residual A − G is the cheaper to estimate.
+
+    ``pilot`` Rademacher probes (default max(3, m/25)) are spent on both operators
+    (2·pilot products); the one whose zᵀ·z has the smaller sample variance then gets
+    XTrace with the remaining products, on fresh probes (the pilot only chooses, so the
+    estimate stays unbiased). The residual wins near a minimizer of the measured loss,
+    where it is small; ∇²L itself wins where the residual term dominates (a clean-loss
+    minimizer measured on the flip-noise expected loss). ``method`` says which:
+    "auto:split" or "auto:hessian"; ``residual`` is value − trace_gn either way.
+    With fewer than 2·pilot + 4 products there is no pilot and the residual is probed.
+    """
+    _check_int("num_matvecs", num_matvecs, 4)
+    # A small pilot: it only has to tell apart variances that differ severalfold
+    # (where they are close, either choice is fine), and every product it takes is
+    # one XTrace does not get. m/10 cost the split half its accuracy on a ReLU CNN.
+    k = max(3, num_matvecs // 25) if pilot is None else _check_int("pilot", pilot, 2)
+    gen = _generator(generator)
+    A = _Operator(hessian, dim, dtype, device)
+    R = _Operator(residual, dim, dtype, device)
+    chosen, spent, name = R, 0, "auto:split"
+    if num_matvecs - 2 * k >= 4:
+        on_a, on_r = [], []
+        for _ in range(k):
+            z = _rademacher((dim,), gen, A.dtype, A.device)
+            on_a.append(float(z @ A(z)))
+            on_r.append(float(z @ R(z)))
+        spent = 2 * k
+        if torch.tensor(on_a).var() < torch.tensor(on_r).var():
+            chosen, name = A, "auto:hessian"
+    est = estimate_trace(chosen.fn, dim, num_matvecs - spent, gen, dtype=chosen.dtype, device=chosen.device)
+    value = est.value + (trace_gn if chosen is R else 0.0)
+    return SplitTraceEstimate(value, est.stderr, spent + est.num_matvecs, name, trace_gn, value - trace_gn)
+
+
 def trace_hessian(
     model,
     loss_fn,
@@ -1245,23 +1293,29 @@ def trace_hessian(
     generator: torch.Generator | None = None,
     chunk_size: int = 1024,
     *,
+    method: str = "auto",
     residual_method: str = "xtrace",
 ) -> SplitTraceEstimate:
     """tr∇²L of a model's mean loss, split as tr G + tr(∇²L − G).
 
-    tr G comes exactly from per-example Jacobians (``exact_trace_gauss_newton``)
-    and only the residual ∇²L − G (``residual_matvec``) is estimated, by
-    ``estimate_trace`` with ``residual_method`` (XTrace by default: the residual
-    of a ReLU network has zero diagonal blocks and a few large eigenvalues of both
-    signs, which XTrace deflates) and ``num_matvecs`` products. The error is that
-    of the residual alone, whose Frobenius norm near a minimizer is a small part
-    of the Hessian's: see benchmarks/bench_trace.py. Memory: XTrace keeps about
-    2·``num_matvecs`` vectors of the parameters' size (``residual_method=
-    "hutchinson"``: one).
+    tr G comes exactly from per-example Jacobians (``exact_trace_gauss_newton``).
+    ``method="split"``: only the residual ∇²L − G (``residual_matvec``) is
+    estimated, by ``estimate_trace`` with ``residual_method`` (XTrace by default:
+    the residual of a ReLU network has zero diagonal blocks and a few large
+    eigenvalues of both signs, which XTrace deflates) and ``num_matvecs``
+    products; the error is that of the residual alone. ``method="auto"``
+    (default): ``choose_trace`` spends a pilot on both ∇²L and the residual and
+    probes the better one. See benchmarks/bench_trace.py for both. Memory: XTrace
+    keeps about 2·``num_matvecs`` vectors of the parameters' size.
     Needs ``loss_fn.kind`` (cross-entropy or mse); for other losses use
     ``estimate_trace(hessian_matvec(...))``.
     """
+    if method not in ("auto", "split"):
+        raise LnsgdError(f"method must be 'auto' or 'split'; got {method!r}")
     gn = exact_trace_gauss_newton(model, loss_fn, inputs, targets, chunk_size)
     op, dim = residual_matvec(model, loss_fn, inputs, targets, chunk_size)
+    if method == "auto":
+        hessian, _ = hessian_matvec(model, loss_fn, inputs, targets, chunk_size)
+        return choose_trace(hessian, op, dim, gn.value, num_matvecs, generator)
     rest = estimate_trace(op, dim, num_matvecs, generator, method=residual_method)
     return SplitTraceEstimate(gn.value + rest.value, rest.stderr, rest.num_matvecs, "split", gn.value, rest.value)

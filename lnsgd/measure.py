@@ -37,7 +37,7 @@ def evaluation_subset(data: Data, recipe: Recipe, examples: int) -> tuple[torch.
 def sharpness_of_model(model: nn.Module, recipe: Recipe, data: Data, *, measures=("trace",), examples: int = 1000,
                        hvps: int = 40, which: str = "expected", generator_seed: int = 0, eta: float | None = None,
                        momentum: float | None = None, top_k: int = 1, skip_undefined_R: bool = True, progress=None,
-                       trace_method: str = "split") -> dict:  # fmt: skip
+                       trace_method: str = "auto") -> dict:  # fmt: skip
     """Curvature metrics (``sharp/*``) of ``model`` on the recipe's expected (or clean) loss."""
     from lnsgd.sharpness import measure_sharpness
 
@@ -82,7 +82,7 @@ def training_hook(recipe: Recipe, loss_recipe: Recipe | None = None):
 def measure_checkpoint(path, *, eta: float | None = None, momentum: float | None = None, examples: int | None = None,
                        hvps: int = 100, top_k: int = 1, seed: int = 0, which: str = "expected",
                        measures=("trace", "lambda_max", "trace_gn", "R"), device: str = "auto", density=None,
-                       progress=None, trace_method: str = "split") -> dict:  # fmt: skip
+                       progress=None, trace_method: str = "auto") -> dict:  # fmt: skip
     """Everything ``lnsgd measure-sharpness`` reports for one checkpoint, as a JSON-ready dict.
 
     η and β default to the checkpoint's recipe; ``examples`` to the first 5000 training
@@ -116,7 +116,7 @@ def measure_checkpoint(path, *, eta: float | None = None, momentum: float | None
         "loss": f"{which} ({measured_loss(recipe, data.num_classes, which)!r})",
         "trace_hessian": result.get("sharp/trace_hessian"),
         "trace_hessian_stderr": result.get("sharp/trace_hessian_stderr"),
-        "trace_method": trace_method if "trace" in measures else None,
+        "trace_method": result.get("trace_method", trace_method) if "trace" in measures else None,
         "trace_residual": result.get("trace_residual"),
         "lambda_max": result.get("sharp/lambda_max"),
         "top_eigenvalues": result.get("sharp/top_eigenvalues"),

@@ -153,8 +153,10 @@ class SharpnessTrack(Section):
     loss: Literal["expected", "clean"] = Field(
         "expected", description="Hessian of the expected (over the noise) or clean loss"
     )
-    trace_method: Literal["split", "xtrace", "hutchpp", "hutchinson"] = Field(
-        "split", description="tr∇²L estimator: split (exact tr G + probes of ∇²L − G), or xtrace/hutchpp/hutchinson on ∇²L"
+    trace_method: Literal["auto", "split", "xtrace", "hutchpp", "hutchinson"] = Field(
+        "auto",
+        description="tr∇²L estimator: auto (exact tr G, then probes of ∇²L − G or ∇²L, whichever a pilot finds less noisy), "
+        "split (always ∇²L − G), or xtrace/hutchpp/hutchinson on ∇²L",
     )
 
 

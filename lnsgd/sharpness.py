@@ -20,17 +20,18 @@ from lnsgd import curvature
 from lnsgd.errors import LnsgdError
 
 MEASURES = ("trace", "lambda_max", "trace_gn", "R")
-TRACE_METHODS = ("split", "xtrace", "hutchpp", "hutchinson")
+TRACE_METHODS = ("auto", "split", "xtrace", "hutchpp", "hutchinson")
 
 
 class _CountingMatvec:
     """Wraps an operator to count products and report progress."""
 
-    def __init__(self, op: curvature.HessianOperator, progress, total: int):
+    def __init__(self, op: curvature.HessianOperator, progress, total: int, ticks: _CountingMatvec | None = None):
         self.op, self.progress, self.total = op, progress, total
         self.dtype, self.device, self.dim = op.dtype, op.device, op.dim
         self.count = 0  # HVPs
         self.done = 0  # HVPs + tr G samples
+        self.ticks = ticks  # another counter whose progress this one advances
 
     def __call__(self, v: Tensor) -> Tensor:
         out = self.op(v)
@@ -40,6 +41,9 @@ class _CountingMatvec:
 
     def tick(self) -> None:
         """One unit of work done: an HVP or a tr G sample."""
+        if self.ticks is not None:
+            self.ticks.tick()
+            return
         self.done += 1
         if self.progress is not None:
             self.progress(min(self.done, self.total), self.total)
@@ -66,7 +70,7 @@ def measure_sharpness(
     chunk_size: int = 1024,
     progress: Callable[[int, int], None] | None = None,
     skip_undefined_R: bool = False,
-    trace_method: str = "split",
+    trace_method: str = "auto",
 ) -> dict:
     """Curvature of the mean of ``loss_fn`` over ``(inputs, targets)`` at the model's θ.
 
@@ -74,10 +78,12 @@ def measure_sharpness(
         ``top_k`` eigenvalues by Lanczos), "trace_gn" (tr G, exact, from
         per-example Jacobians; needs a loss with ``.kind``) and "R" (R(θ) for
         learning rate ``eta`` and ``momentum`` by deflated SLQ).
-    trace_method: "split" (default; ``curvature.trace_hessian``: exact tr G plus
-        XTrace with ``hvps`` products of ∇²L − G, needs a loss with ``.kind``; tr G
-        then comes for free) or an ``estimate_trace`` method on ∇²L itself:
-        "xtrace", "hutchpp", "hutchinson".
+    trace_method: "auto" (default; ``curvature.choose_trace``: exact tr G, then a
+        pilot decides whether ∇²L − G or ∇²L is probed, by XTrace), "split" (always
+        the residual: ``curvature.trace_hessian(method="split")``) — both need a
+        loss with ``.kind`` — or an ``estimate_trace`` method on ∇²L itself:
+        "xtrace", "hutchpp", "hutchinson". The result's ``trace_method`` says
+        which was used (``auto:split`` / ``auto:hessian`` for auto).
     hvps: Hessian-vector products per estimator. When R is measured, its
         deflation Lanczos run (70% of ``hvps``) also yields λ_max and the top
         eigenvalues, so they cost nothing extra; otherwise they get their own run
@@ -104,7 +110,7 @@ def measure_sharpness(
     curvature._check_int("top_k", top_k, 1)
     if trace_method not in TRACE_METHODS:
         raise LnsgdError(f"trace_method must be one of {', '.join(TRACE_METHODS)}; got {trace_method!r}")
-    split = "trace" in measures and trace_method == "split"
+    split = "trace" in measures and trace_method in ("auto", "split")
     if "R" in measures:
         if eta is None:
             raise LnsgdError("eta (the learning rate η) is required to measure R(θ); pass eta=… or drop 'R'")
@@ -147,7 +153,8 @@ def measure_sharpness(
             result["sharp/trace_hessian"] = tr.value
             result["sharp/trace_hessian_stderr"] = tr.stderr
         hvp_count = matvec.count
-        op.release()  # free the cached gradient graph before the next one is built
+        if not split:
+            op.release()  # free the cached gradient graph before tr G builds its own
         if split or "trace_gn" in measures:
             gn = curvature.exact_trace_gauss_newton(model, loss_fn, inputs, targets, chunk_size)
             matvec.tick()
@@ -156,14 +163,19 @@ def measure_sharpness(
                 result["sharp/trace_gn_stderr"] = 0.0
         if split:
             residual_op, _ = curvature.residual_matvec(model, loss_fn, inputs, targets, chunk_size)
-            residual = _CountingMatvec(residual_op, progress, total)
-            residual.done = matvec.done
-            rest = curvature.estimate_trace(residual, dim, hvps, generator, method="xtrace")
+            residual = _CountingMatvec(residual_op, progress, total, ticks=matvec)
+            if trace_method == "auto":
+                tr = curvature.choose_trace(matvec, residual, dim, gn.value, hvps, generator)
+            else:
+                rest = curvature.estimate_trace(residual, dim, hvps, generator, method="xtrace")
+                tr = curvature.SplitTraceEstimate(gn.value + rest.value, rest.stderr, rest.num_matvecs, "split", gn.value, rest.value)
             residual_op.release()
-            hvp_count += residual.count
-            result["sharp/trace_hessian"] = gn.value + rest.value
-            result["sharp/trace_hessian_stderr"] = rest.stderr
-            result["trace_residual"] = rest.value
+            op.release()
+            hvp_count = matvec.count + residual.count
+            result["sharp/trace_hessian"] = tr.value
+            result["sharp/trace_hessian_stderr"] = tr.stderr
+            result["trace_residual"] = tr.residual
+            result["trace_method"] = tr.method
     if progress is not None:
         progress(total, total)
     result["hvps"] = hvp_count

@@ -572,7 +572,7 @@ def fitted_relu():
 def test_trace_hessian_is_more_accurate_than_hutchinson_at_a_minimizer(fitted_relu):
     model, x, y, loss_fn, H = fitted_relu
     exact, dim = float(torch.trace(H)), H.shape[0]
-    split = [cv.trace_hessian(model, loss_fn, x, y, 40, gen(s)) for s in range(6)]
+    split = [cv.trace_hessian(model, loss_fn, x, y, 40, gen(s), method="split") for s in range(6)]
     hutch = [cv.estimate_trace(H, dim, 60, gen(s), method="hutchinson").value for s in range(40)]
     rms = lambda errs: (sum(e * e for e in errs) / len(errs)) ** 0.5  # noqa: E731
     split_rms = rms([s.value - exact for s in split])
@@ -593,8 +593,32 @@ def test_trace_hessian_is_within_one_percent_where_the_residual_is_real():
     fit(model, cv.cross_entropy_loss, x, y, steps=100)
     loss_fn = cv.smoothed_cross_entropy(0.2, 3)
     exact = float(torch.trace(cv.dense_hessian(model, loss_fn, x, y)))
-    errors = [abs(cv.trace_hessian(model, loss_fn, x, y, 100, gen(s)).value - exact) / abs(exact) for s in range(5)]
+    errors = [abs(cv.trace_hessian(model, loss_fn, x, y, 100, gen(s), method="split").value - exact) / abs(exact) for s in range(5)]
     assert statistics.median(errors) < 0.01, errors
+
+
+def test_choose_trace_probes_the_less_noisy_operator_and_stays_unbiased():
+    # A = G + R on dense matrices with a known trace. A small residual: the split is
+    # chosen; a residual far noisier than A (R ≈ −G + small): A itself is chosen.
+    g = gen(17)
+    n = 200
+    B = torch.randn(n, 40, generator=g, dtype=torch.float64)
+    G = B @ B.T / 40
+    noise = torch.randn(n, n, generator=g, dtype=torch.float64)
+    noise = (noise + noise.T) / 2
+    for R, expected in ((0.02 * noise, "auto:split"), (-G + 0.05 * noise + 3.0 * torch.eye(n, dtype=torch.float64), "auto:hessian")):
+        A = G + R
+        exact = float(torch.trace(A))
+        runs = [cv.choose_trace(A, R, n, float(torch.trace(G)), 100, gen(s)) for s in range(30)]
+        assert all(r.num_matvecs <= 100 for r in runs)
+        # The pilot (4 probes of each) compares noisy variances: rarely, it picks wrong.
+        assert sum(r.method == expected for r in runs) >= 27, [r.method for r in runs]
+        assert all(r.value == pytest.approx(r.trace_gn + r.residual, rel=1e-12) for r in runs)
+        mean = statistics.mean(r.value for r in runs)
+        spread = statistics.stdev(r.value for r in runs) / len(runs) ** 0.5
+        assert abs(mean - exact) < 4 * spread + 1e-9 * abs(exact), (expected, mean, exact, spread)
+    # Too few products for a pilot: the residual is probed directly.
+    assert cv.choose_trace(G, 0.02 * noise, n, float(torch.trace(G)), 9, gen(0)).method == "auto:split"
 
 
 def test_split_trace_needs_a_loss_kind():

@@ -57,22 +57,23 @@ def test_measure_sharpness_cli_matches_the_dense_hessian(cli, small_ckpt, tmp_pa
     assert m["top_eigenvalues"][1] == pytest.approx(eig[-2].item(), rel=1e-2)
     exact = curvature.R_exact(eig, m["eta"])
     assert abs(m["R"] - exact) < 4 * m["R_stderr"] and m["R"] == pytest.approx(exact, rel=0.1)
-    assert "tr ∇²L (split)" in res.output and "R(θ)" in res.output
-    # The default splits tr∇²L = tr G (exact) + tr(∇²L − G) (probes); ReLU layers enter
-    # linearly, so the residual's true trace is 0 here and tr G alone is the trace.
-    assert m["trace_method"] == "split" and m["trace_gn_stderr"] == 0.0
+    assert "tr ∇²L (auto:" in res.output and "R(θ)" in res.output
+    # The default splits tr∇²L = tr G (exact) + tr(∇²L − G); ReLU layers enter linearly,
+    # so the residual's true trace is 0 here and tr G alone is the trace.
+    assert m["trace_method"] in ("auto:split", "auto:hessian") and m["trace_gn_stderr"] == 0.0
     assert m["trace_gn"] == pytest.approx(eig.sum().item(), rel=1e-6)
     assert m["trace_hessian"] == pytest.approx(m["trace_gn"] + m["trace_residual"], rel=1e-12)
 
 
 def test_measure_sharpness_cli_other_trace_methods(cli, small_ckpt, tmp_path):
     eig, _ = dense_reference(small_ckpt)
-    for method in ("xtrace", "hutchinson"):
+    for method in ("split", "xtrace", "hutchinson"):
         out = tmp_path / f"{method}.json"
         res = cli("measure-sharpness", small_ckpt, "--measure", "trace", "--trace-method", method, "--json", out, "--quiet")
         assert res.exit_code == 0, res.output
         m = json.loads(out.read_text())
-        assert m["trace_method"] == method and m["trace_residual"] is None and m["trace_gn"] is None
+        assert m["trace_method"] == method and m["trace_gn"] is None
+        assert (m["trace_residual"] is None) == (method != "split")
         assert abs(m["trace_hessian"] - eig.sum().item()) < 4 * m["trace_hessian_stderr"]
 
 
