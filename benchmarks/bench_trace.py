@@ -1,27 +1,48 @@
-"""Benchmark: tr∇²L by lnsgd's XTrace against PyHessian-style Hutchinson.
+"""Benchmark: lnsgd's tr∇²L against PyHessian-style Hutchinson at equal budgets.
 
-Not a test. One small model and subset with an exact reference:
-a tanh MLP (64 → 32 → 10, 2410 parameters, float64) fit for 200 full-batch Adam
-steps to 512 sklearn digits; the exact trace comes from the dense Hessian
-(``lnsgd.curvature.dense_hessian``). At equal HVP budgets and over several
-seeds it prints the median relative error and the median wall time of
+Not a test. For each model it prints, at equal budgets of Hessian-vector products
+(HVPs), the root-mean-square and median relative error over seeds, and the wall
+time of one estimate, of
 
-- ``hutchinson``: what PyHessian's ``trace()`` does (Yao et al. 2020) — Rademacher
-  probes, one HVP each through the retained gradient graph, plain average
-  (written inline here, without PyHessian's early stop);
-- ``xtrace``: ``lnsgd.curvature.estimate_trace`` with its default method
-  (Epperly, Tropp & Webber 2024) on ``lnsgd.curvature.hessian_matvec``;
+- ``hutchinson``: what PyHessian's ``trace()`` does (Yao et al. 2020): Rademacher
+  probes, one HVP each, plain average (timed through the retained gradient graph,
+  as PyHessian does, without its early stop);
+- ``xtrace``: ``lnsgd.curvature.estimate_trace`` (XTrace) on the Hessian;
+- ``split``: ``lnsgd.curvature.trace_hessian(method="split")``: tr G exactly from
+  per-example Jacobians, plus XTrace on the residual ∇²L − G only;
+- ``auto``: what ``lnsgd measure-sharpness`` uses by default
+  (``trace_hessian(method="auto")``): exact tr G, then a pilot of m/25 probes on
+  both ∇²L and ∇²L − G picks the less noisy one for XTrace.
+  The exact tr G of both is charged to their budget: they get
+  m − ⌈t(tr G)/t(HVP)⌉ products, both times measured here.
 
-then the cost of one HVP relative to one gradient for this model. XTrace wins
-most where the top of the spectrum holds much of ‖H‖_F; on flat spectra it is
-about Hutchinson's equal.
+Models, each fit with Adam on clean labels to a global minimizer (train loss 0.01),
+measured on the flip-noise expected loss (label-smoothed CE, p = 0.2) as
+``measure-sharpness`` does by default, in float64:
 
-    .venv/bin/python benchmarks/bench_trace.py [--seeds 10] [--budgets 50 100 200]
+- ``cnn``: a small ReLU CNN (conv 8-8-8, FC 32, 3370 parameters) on mnist1d;
+- ``cnn-gn``: the same with GroupNorm, where ∇²L − G has a nonzero trace;
+- ``mlp-tanh``: a tanh MLP (64-32-10, 2410 parameters) on sklearn digits.
+
+The reference is the trace of the dense Hessian (one HVP per column; the HVP
+equals the dense Hessian to 1e-10, see tests/test_curvature.py), and the error
+statistics are computed on the dense matrices H and H − G (G from dense
+per-example Jacobians) so that many seeds are cheap; times are of real estimates.
+
+``--checkpoint PATH`` adds an lnsgd checkpoint at full size (e.g. the demo's
+adversarial init, runs/quickstart-adversarial/final.pt, 91k parameters), where no
+dense Hessian fits: its reference is exact tr G plus the residual's trace from
+``--reference-probes`` Hutchinson probes (its standard error is printed). Its loss
+is the recipe's expected loss, or flip noise p's with ``--checkpoint-flip p``.
+
+    .venv/bin/python benchmarks/bench_trace.py [--models cnn cnn-gn mlp-tanh]
+        [--budgets 50 100 200] [--seeds 20] [--checkpoint runs/quickstart-adversarial/final.pt]
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import platform
 import statistics
 import time
@@ -32,24 +53,91 @@ from torch import nn
 from lnsgd import curvature as cv
 
 
-def digits_subset(n: int) -> tuple[torch.Tensor, torch.Tensor]:
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def standardized(x: torch.Tensor) -> torch.Tensor:
+    return (x - x.mean()) / x.std()
+
+
+def mnist1d(n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    from lnsgd.data import _load_mnist1d
+
+    x, y, _, _ = _load_mnist1d()
+    return standardized(x[:n].double()), y[:n]
+
+
+def digits(n: int) -> tuple[torch.Tensor, torch.Tensor]:
     from sklearn.datasets import load_digits
 
     data = load_digits()
     x = torch.tensor(data.data[:n], dtype=torch.float64) / 16.0
-    x = (x - x.mean(0)) / (x.std(0) + 1e-3)
-    return x, torch.tensor(data.target[:n], dtype=torch.long)
+    return (x - x.mean(0)) / (x.std(0) + 1e-3), torch.tensor(data.target[:n], dtype=torch.long)
 
 
-def trained_mlp(x: torch.Tensor, y: torch.Tensor, hidden: int, steps: int) -> nn.Module:
-    torch.manual_seed(0)  # the benchmark's own process: the model init only
-    model = nn.Sequential(nn.Linear(x.shape[1], hidden), nn.Tanh(), nn.Linear(hidden, 10)).double()
+def small_cnn(groupnorm: bool) -> nn.Module:
+    norm = (lambda c: nn.GroupNorm(2, c)) if groupnorm else (lambda c: nn.Identity())
+    return nn.Sequential(
+        nn.Conv1d(1, 8, 5, 1, 2), norm(8), nn.ReLU(),
+        nn.Conv1d(8, 8, 3, 2, 1), norm(8), nn.ReLU(),
+        nn.Conv1d(8, 8, 3, 2, 1), norm(8), nn.ReLU(),
+        nn.Flatten(), nn.Linear(80, 32), nn.ReLU(), nn.Linear(32, 10),
+    )  # fmt: skip
+
+
+def fit(model: nn.Module, x: torch.Tensor, y: torch.Tensor, max_steps: int = 3000) -> tuple[nn.Module, int, float]:
+    """Adam on the clean labels until the train loss is 0.01 (a global minimizer)."""
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-    for _ in range(steps):
+    steps = 0
+    while steps < max_steps:
         opt.zero_grad()
-        cv.cross_entropy_loss(model(x), y).backward()
+        loss = cv.cross_entropy_loss(model(x), y)
+        loss.backward()
         opt.step()
-    return model.eval()
+        steps += 1
+        if loss.item() < 0.01:
+            break
+    return model.eval(), steps, loss.item()
+
+
+def build(name: str, examples: int):
+    torch.manual_seed(0)  # the benchmark's own process: model inits only
+    if name == "mlp-tanh":
+        x, y = digits(examples)
+        model = nn.Sequential(nn.Linear(64, 32), nn.Tanh(), nn.Linear(32, 10)).double()
+        desc = "tanh MLP 64-32-10 on sklearn digits"
+    else:
+        x, y = mnist1d(examples)
+        model = small_cnn(name == "cnn-gn").double()
+        desc = f"ReLU CNN{' with GroupNorm' if name == 'cnn-gn' else ''} on mnist1d"
+    model, steps, loss = fit(model, x, y)
+    acc = float((model(x).argmax(1) == y).double().mean())
+    return model, x, y, f"{desc}: Adam {steps} steps, clean train loss {loss:.4f}, train acc {acc:.1%}"
+
+
+def dense_gauss_newton(model: nn.Module, loss_fn, x: torch.Tensor) -> torch.Tensor:
+    """G = (1/n)·Σᵢ JᵢᵀΛᵢJᵢ from per-example Jacobians (dense; the reference)."""
+    names, params = zip(*[(k, p.detach()) for k, p in model.named_parameters()], strict=True)
+
+    def output(ps, xi):
+        return torch.func.functional_call(model, dict(zip(names, ps, strict=True)), (xi.unsqueeze(0),)).reshape(-1)
+
+    G = 0
+    for start in range(0, len(x), 128):
+        xc = x[start : start + 128]
+        jac = torch.func.vmap(torch.func.jacrev(output), in_dims=(None, 0))(params, xc)
+        J = torch.cat([j.reshape(j.shape[0], j.shape[1], -1) for j in jac], 2)  # (b, k, dim)
+        lam = cv._output_hessians(loss_fn.kind, model(xc).detach())
+        G = G + torch.einsum("bkd,bkl,ble->de", J, lam, J)
+    return G / len(x)
 
 
 def pyhessian_style_trace(model, loss_fn, x, y, num_probes: int, generator: torch.Generator) -> float:
@@ -65,96 +153,148 @@ def pyhessian_style_trace(model, loss_fn, x, y, num_probes: int, generator: torc
     return sum(values) / len(values)
 
 
-def seconds_per_call(fn, repeats: int) -> float:
-    fn()  # warm-up
+def seconds(fn, repeats: int = 1) -> float:
     start = time.perf_counter()
     for _ in range(repeats):
         fn()
     return (time.perf_counter() - start) / repeats
 
 
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
+def gn_cost_in_hvps(model, loss_fn, x, y) -> tuple[int, float, float]:
+    op, dim = cv.hessian_matvec(model, loss_fn, x, y)
+    v = torch.randn(dim, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    op(v)  # builds the cached gradient graph
+    hvp_s = seconds(lambda: op(v), 10)
+    gn_s = min(seconds(lambda: cv.exact_trace_gauss_newton(model, loss_fn, x, y)) for _ in range(3))
+    return math.ceil(gn_s / hvp_s), gn_s, hvp_s
+
+
+def report(rows: dict[int, dict[str, list[float]]], times: dict[int, dict[str, float]], charge: int) -> None:
+    header = (
+        f"{'HVPs':>5}  {'hutchinson rms/med':>19}  {'xtrace rms/med':>16}  {'split rms/med':>16}  {'auto rms/med':>16}  "
+        f"{'auto vs hutch':>13}  {'hutch s':>7}  {'auto s':>7}"
+    )
+    print(header)
+    print("-" * len(header))
+    for budget, errors in rows.items():
+        rms = {k: math.sqrt(sum(e * e for e in v) / len(v)) for k, v in errors.items()}
+        med = {k: statistics.median(abs(e) for e in v) for k, v in errors.items()}
+        ratio = rms["hutchinson"] / rms["auto"] if rms["auto"] > 0 else math.inf
+        print(
+            f"{budget:>5}  {rms['hutchinson']:>9.3%}/{med['hutchinson']:<9.3%}  {rms['xtrace']:>7.3%}/{med['xtrace']:<8.3%}  "
+            f"{rms['split']:>7.3%}/{med['split']:<8.3%}  {rms['auto']:>7.3%}/{med['auto']:<8.3%}  {ratio:>12.1f}x  "
+            f"{times[budget]['hutchinson']:>7.2f}  {times[budget]['auto']:>7.2f}"
+        )
+    print(f"(split and auto: exact tr G charged as {charge} HVPs; the rest of each budget on probes)\n")
+
+
+def bench_dense(name: str, examples: int, budgets: list[int], seeds: int) -> None:
+    model, x, y, desc = build(name, examples)
+    loss_fn = cv.smoothed_cross_entropy(0.2, 10)
+    op, dim = cv.hessian_matvec(model, loss_fn, x, y)
+    start = time.perf_counter()
+    H = torch.stack([op(e) for e in torch.eye(dim, dtype=torch.float64)], 1)
+    H = 0.5 * (H + H.T)
+    dense_s = time.perf_counter() - start
+    G = dense_gauss_newton(model, loss_fn, x)
+    exact = float(torch.trace(H))
+    gn = cv.exact_trace_gauss_newton(model, loss_fn, x, y)
+    charge, gn_s, hvp_s = gn_cost_in_hvps(model, loss_fn, x, y)
+    print(f"== {name}: {desc}; {dim} parameters, {examples} examples")
+    print(
+        f"exact tr∇²L = {exact:.6g} (dense, {dense_s:.0f}s); tr G = {float(torch.trace(G)):.6g} dense, "
+        f"{gn.value:.6g} exact_trace_gauss_newton; tr(∇²L − G) = {exact - float(torch.trace(G)):.3g}"
+    )
+    off = lambda M: float((M**2).sum() - (torch.diagonal(M) ** 2).sum())  # noqa: E731
+    print(
+        f"Hutchinson's per-probe variance ∝ off-diagonal ‖·‖²: {off(H):.4g} for ∇²L, {off(H - G):.4g} for ∇²L − G; "
+        f"HVP {hvp_s * 1e3:.1f} ms, exact tr G {gn_s * 1e3:.0f} ms"
+    )
+    rows, times = {}, {}
+    residual, _ = cv.residual_matvec(model, loss_fn, x, y)
+    for budget in budgets:
+        rest = max(budget - charge, 4)
+        errors = {"hutchinson": [], "xtrace": [], "split": [], "auto": []}
+        for seed in range(seeds):
+            g = lambda: torch.Generator().manual_seed(seed)  # noqa: E731
+            errors["hutchinson"].append((cv.estimate_trace(H, dim, budget, g(), method="hutchinson").value - exact) / exact)
+            errors["xtrace"].append((cv.estimate_trace(H, dim, budget, g()).value - exact) / exact)
+            resid = cv.estimate_trace(H - G, dim, rest, g()).value  # XTrace, as trace_hessian does
+            errors["split"].append((gn.value + resid - exact) / exact)
+            errors["auto"].append((cv.choose_trace(H, H - G, dim, gn.value, rest, g()).value - exact) / exact)
+        rows[budget] = errors
+        times[budget] = {
+            "hutchinson": seconds(lambda: pyhessian_style_trace(model, loss_fn, x, y, budget, torch.Generator().manual_seed(0))),
+            "auto": seconds(lambda: cv.trace_hessian(model, loss_fn, x, y, rest, torch.Generator().manual_seed(0))),
+        }
+    del residual
+    print(f"{seeds} seeds; error = (estimate − exact)/exact, root-mean-square and median |·|; time = one estimate, wall seconds")
+    report(rows, times, charge)
+
+
+def bench_checkpoint(path: str, examples: int, budgets: list[int], seeds: int, reference_probes: int, flip: float | None) -> None:
+    import lnsgd
+    from lnsgd.data import load
+    from lnsgd.measure import evaluation_subset, measured_loss
+
+    model, recipe = lnsgd.load_checkpoint(path)
+    model.eval()
+    data = load(recipe, torch.device("cpu"))
+    x, y = evaluation_subset(data, recipe, min(examples, len(data.train_x)))
+    loss_fn = measured_loss(recipe, data.num_classes, "expected") if flip is None else cv.smoothed_cross_entropy(flip, data.num_classes)
+    op, dim = cv.hessian_matvec(model, loss_fn, x, y)
+    residual, _ = cv.residual_matvec(model, loss_fn, x, y)
+    gn = cv.exact_trace_gauss_newton(model, loss_fn, x, y)
+    charge, gn_s, hvp_s = gn_cost_in_hvps(model, loss_fn, x, y)
+    ref = cv.estimate_trace(residual, dim, reference_probes, torch.Generator().manual_seed(10_000), method="hutchinson")
+    exact = gn.value + ref.value
+    print(f"== checkpoint {path}: {recipe.model.name} on {recipe.data.name}, {dim} parameters, {len(x)} examples, {loss_fn!r}, float32")
+    print(
+        f"reference tr∇²L = {exact:.6g} = exact tr G {gn.value:.6g} + residual {ref.value:.3g} ± {ref.stderr:.2g} "
+        f"({reference_probes} probes; ±{ref.stderr / abs(exact):.3%} of the trace); HVP {hvp_s * 1e3:.0f} ms, exact tr G {gn_s:.2f} s"
+    )
+    rows, times = {}, {}
+    for budget in budgets:
+        rest = max(budget - charge, 4)
+        errors = {"hutchinson": [], "xtrace": [], "split": [], "auto": []}
+        hutch_s, auto_s = [], []
+        for seed in range(seeds):
+            g = lambda: torch.Generator().manual_seed(seed)  # noqa: E731
+            t0 = time.perf_counter()
+            errors["hutchinson"].append((pyhessian_style_trace(model, loss_fn, x, y, budget, g()) - exact) / exact)
+            hutch_s.append(time.perf_counter() - t0)
+            errors["xtrace"].append((cv.estimate_trace(op, dim, budget, g()).value - exact) / exact)
+            errors["split"].append((cv.trace_hessian(model, loss_fn, x, y, rest, g(), method="split").value - exact) / exact)
+            t0 = time.perf_counter()
+            errors["auto"].append((cv.trace_hessian(model, loss_fn, x, y, rest, g()).value - exact) / exact)
+            auto_s.append(time.perf_counter() - t0)
+        rows[budget] = errors
+        times[budget] = {"hutchinson": statistics.median(hutch_s), "auto": statistics.median(auto_s)}
+    print(f"{seeds} seeds through real HVPs; error = (estimate − reference)/reference")
+    report(rows, times, charge)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--models", nargs="*", default=["cnn", "cnn-gn", "mlp-tanh"], choices=["cnn", "cnn-gn", "mlp-tanh"])
     parser.add_argument("--examples", type=int, default=512)
-    parser.add_argument("--hidden", type=int, default=32)
-    parser.add_argument("--fit-steps", type=int, default=200)
     parser.add_argument("--budgets", type=int, nargs="+", default=[50, 100, 200])
     parser.add_argument("--seeds", type=int, default=20)
-    parser.add_argument("--threads", type=int, default=1, help="torch threads (1: steadiest timings on a shared CPU)")
+    parser.add_argument("--checkpoint", default=None, help="also an lnsgd checkpoint at full size")
+    parser.add_argument("--checkpoint-examples", type=int, default=1000)
+    parser.add_argument("--checkpoint-seeds", type=int, default=6)
+    parser.add_argument("--reference-probes", type=int, default=1000)
+    parser.add_argument("--checkpoint-flip", type=float, default=None, help="measure the checkpoint on flip noise p's expected loss")
+    parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-
-    x, y = digits_subset(args.examples)
-    model = trained_mlp(x, y, args.hidden, args.fit_steps)
-    loss_fn = cv.cross_entropy_loss
-    start = time.perf_counter()
-    H = cv.dense_hessian(model, loss_fn, x, y)
-    dense_s = time.perf_counter() - start
-    eigenvalues = torch.linalg.eigvalsh(H)
-    exact = float(eigenvalues.sum())
-    op, dim = cv.hessian_matvec(model, loss_fn, x, y)
-
-    print(f"machine: {cpu_name()}, {torch.get_num_threads()} torch thread(s); torch {torch.__version__}")
-    print(
-        f"model: tanh MLP 64-{args.hidden}-10 (float64, {dim} parameters), {args.examples} digits, "
-        f"train loss {float(loss_fn(model(x), y).detach()):.4f}"
-    )
-    print(
-        f"exact tr∇²L = {exact:.6g} (dense Hessian in {dense_s:.1f}s); λ_max = {float(eigenvalues[-1]):.4g}, "
-        f"λ_min = {float(eigenvalues[0]):.3g}"
-    )
-    print(
-        f"{args.seeds} seeds; error = |estimate − exact| / exact, median and root-mean-square; "
-        "time = median wall seconds per estimate\n"
-    )
-    header = (
-        f"{'HVPs':>5}  {'hutchinson med/rms':>19}  {'xtrace med/rms':>16}  {'rms ratio':>9}  "
-        f"{'hutchinson s':>12}  {'xtrace s':>8}"
-    )
-    print(header)
-    print("-" * len(header))
-    for budget in args.budgets:
-        errors = {"hutchinson": [], "xtrace": []}
-        times = {"hutchinson": [], "xtrace": []}
-        for seed in range(args.seeds):
-            t0 = time.perf_counter()
-            value = pyhessian_style_trace(model, loss_fn, x, y, budget, torch.Generator().manual_seed(seed))
-            times["hutchinson"].append(time.perf_counter() - t0)
-            errors["hutchinson"].append(abs(value - exact) / abs(exact))
-            t0 = time.perf_counter()
-            estimate = cv.estimate_trace(op, dim, budget, torch.Generator().manual_seed(seed))
-            times["xtrace"].append(time.perf_counter() - t0)
-            errors["xtrace"].append(abs(estimate.value - exact) / abs(exact))
-        med = {k: statistics.median(v) for k, v in errors.items()}
-        rms = {k: (sum(e * e for e in v) / len(v)) ** 0.5 for k, v in errors.items()}
-        print(
-            f"{budget:>5}  {med['hutchinson']:>9.3%}/{rms['hutchinson']:<9.3%}  {med['xtrace']:>7.3%}/{rms['xtrace']:<8.3%}  "
-            f"{rms['hutchinson'] / rms['xtrace']:>8.1f}x  "
-            f"{statistics.median(times['hutchinson']):>12.3f}  {statistics.median(times['xtrace']):>8.3f}"
+    print(f"machine: {cpu_name()}, {torch.get_num_threads()} torch thread(s); torch {torch.__version__}\n")
+    for name in args.models:
+        bench_dense(name, args.examples, args.budgets, args.seeds)
+    if args.checkpoint:
+        bench_checkpoint(
+            args.checkpoint, args.checkpoint_examples, args.budgets, args.checkpoint_seeds, args.reference_probes, args.checkpoint_flip
         )
-
-    # Cost of one HVP in units of one gradient (forward + backward) of the same loss.
-    params = [p for p in model.parameters() if p.requires_grad]
-    v = torch.randn(dim, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
-    grad_s = seconds_per_call(lambda: torch.autograd.grad(loss_fn(model(x), y), params), 50)
-    cached_s = seconds_per_call(lambda: op(v), 50)
-    fresh, _ = cv.hessian_matvec(model, loss_fn, x, y, cache_graph=False)
-    fresh_s = seconds_per_call(lambda: fresh(v), 50)
-    print(
-        f"\ngradient {grad_s * 1e3:.2f} ms; HVP {cached_s * 1e3:.2f} ms with the cached gradient graph "
-        f"({cached_s / grad_s:.1f}x a gradient), {fresh_s * 1e3:.2f} ms rebuilding it ({fresh_s / grad_s:.1f}x)"
-    )
 
 
 if __name__ == "__main__":
