@@ -66,6 +66,7 @@ __all__ = [
     "ritz_pairs",
     "smoothed_cross_entropy",
     "spectral_density",
+    "split_trace",
     "top_eigenvalues",
     "trace_gauss_newton",
     "trace_hessian",
@@ -1047,9 +1048,10 @@ def _output_hessians(kind: str, out: Tensor) -> Tensor:
     return torch.diag_embed(p) - p.unsqueeze(2) * p.unsqueeze(1)
 
 
-def _per_example_linear(model: nn.Module, params: list[nn.Parameter], x: Tensor) -> list[nn.Linear]:
+def _per_example_linear(model: nn.Module, params: list[nn.Parameter], x: Tensor) -> tuple[list[nn.Linear], int]:
     """The ``nn.Linear`` modules whose Jacobian Gram can be read off their inputs and
-    output gradients: called once per forward, on (b, d) inputs, every parameter trainable."""
+    output gradients (called once per forward, on (b, d) inputs, every parameter
+    trainable), and k, the number of outputs per example, from one forward of x[:1]."""
     trainable = {id(p) for p in params}
     calls: dict[nn.Module, list[int]] = {}
     hooks = [
@@ -1061,15 +1063,18 @@ def _per_example_linear(model: nn.Module, params: list[nn.Parameter], x: Tensor)
     ]
     try:
         with torch.no_grad():
-            model(x[:1])
+            k = model(x[:1]).numel()
     finally:
         for h in hooks:
             h.remove()
-    return [m for m, ndims in calls.items() if ndims == [2]]
+    return [m for m, ndims in calls.items() if ndims == [2]], k
 
 
-def _jacobian_grams(model: nn.Module, names: list[str], params: list[nn.Parameter], x: Tensor, linear: list[nn.Linear]) -> Tensor:
-    """Kᵢ = JᵢJᵢᵀ, (b, k, k), for the examples in ``x``: Jᵢ is ∂fᵢ/∂θ (k × dim).
+def _jacobian_grams(
+    model: nn.Module, names: list[str], params: list[nn.Parameter], x: Tensor, linear: list[nn.Linear]
+) -> tuple[Tensor, Tensor]:
+    """Kᵢ = JᵢJᵢᵀ, (b, k, k), for the examples in ``x`` (Jᵢ is ∂fᵢ/∂θ, k × dim), and
+    the outputs f(x), detached, from the same forward.
 
     K is a sum over parameter tensors. For a ``linear`` module with input aᵢ and
     output zᵢ, ∂f_c/∂W = (∂f_c/∂zᵢ) aᵢᵀ, so its share is (‖aᵢ‖² + 1)·⟨∂f_c/∂zᵢ, ∂f_c'/∂zᵢ⟩
@@ -1078,54 +1083,53 @@ def _jacobian_grams(model: nn.Module, names: list[str], params: list[nn.Paramete
     clipping). The other parameters' share comes from per-example Jacobians
     (``torch.func.vmap`` of ``jacrev``). Examples must not interact in eval mode.
     """
-    in_linear = {id(p) for m in linear for p in m.parameters()}
-    grams = None
-    if linear:
-        saved: dict[nn.Module, tuple[Tensor, Tensor]] = {}
-        hooks = [m.register_forward_hook(lambda mod, inp, out: saved.__setitem__(mod, (inp[0], out))) for m in linear]
-        try:
+    parts: list[Tensor] = []
+    saved: dict[nn.Module, tuple[Tensor, Tensor]] = {}
+    hooks = [m.register_forward_hook(lambda mod, inp, out: saved.__setitem__(mod, (inp[0], out))) for m in linear]
+    try:
+        with torch.set_grad_enabled(bool(linear)):
             out = model(x)
-        finally:
-            for h in hooks:
-                h.remove()
-        out = out.reshape(out.shape[0], -1)
+    finally:
+        for h in hooks:
+            h.remove()
+    if linear:
+        flat = out.reshape(out.shape[0], -1)
         outputs = [saved[m][1] for m in linear]
         per_class = [
-            torch.autograd.grad(out[:, c].sum(), outputs, retain_graph=c < out.shape[1] - 1, allow_unused=True)
-            for c in range(out.shape[1])
+            torch.autograd.grad(flat[:, c].sum(), outputs, retain_graph=c < flat.shape[1] - 1, allow_unused=True)
+            for c in range(flat.shape[1])
         ]
         for j, m in enumerate(linear):
             a = saved[m][0].detach()
             g = torch.stack([pc[j] if pc[j] is not None else torch.zeros_like(outputs[j]) for pc in per_class], 1)
             scale = a.pow(2).sum(1) + (0.0 if m.bias is None else 1.0)
-            gram = scale.view(-1, 1, 1) * (g @ g.transpose(1, 2))
-            grams = gram if grams is None else grams + gram
+            parts.append(scale.view(-1, 1, 1) * (g @ g.transpose(1, 2)))
+    in_linear = {id(p) for m in linear for p in m.parameters()}
     rest = [(name, p) for name, p in zip(names, params, strict=True) if id(p) not in in_linear]
     if rest:
-        rest_names, rest_params = [n for n, _ in rest], [p for _, p in rest]
+        parts.append(_rest_grams(model, [n for n, _ in rest], [p for _, p in rest], x))
+    return sum(parts[1:], parts[0]).detach(), out.detach()
 
-        def output(ps: tuple[Tensor, ...], xi: Tensor) -> Tensor:
-            return torch.func.functional_call(model, dict(zip(rest_names, ps, strict=True)), (xi.unsqueeze(0),)).reshape(-1)
 
-        # Tied parameters (one tensor under several names): torch.func.functional_call
-        # left such a model differentiating stale tensors after a few calls (torch
-        # 2.14: the tied layer's share of tr G vanished). They take the loop.
-        tied = len(list(model.named_parameters(remove_duplicate=False))) != len(list(model.named_parameters()))
+def _rest_grams(model: nn.Module, names: list[str], params: list[nn.Parameter], x: Tensor) -> Tensor:
+    """Σ over ``params`` of their share of JᵢJᵢᵀ, from per-example Jacobians."""
+
+    def output(ps: tuple[Tensor, ...], xi: Tensor) -> Tensor:
+        return torch.func.functional_call(model, dict(zip(names, ps, strict=True)), (xi.unsqueeze(0),)).reshape(-1)
+
+    # Tied parameters (one tensor under several names): torch.func.functional_call
+    # left such a model differentiating stale tensors after a few calls (torch
+    # 2.14: the tied layer's share of tr G vanished). They take the loop.
+    tied = len(list(model.named_parameters(remove_duplicate=False))) != len(list(model.named_parameters()))
+    if not tied:
         try:
-            if tied:
-                raise NotImplementedError("tied parameters")
-            jacobians = torch.func.vmap(torch.func.jacrev(output), in_dims=(None, 0))(tuple(rest_params), x)
+            jacobians = torch.func.vmap(torch.func.jacrev(output), in_dims=(None, 0))(tuple(params), x)
         except (RuntimeError, NotImplementedError):
-            # A module torch.func cannot batch (in-place ops on captured tensors, custom
-            # autograd functions) or tied parameters: one backward per example and output.
-            jacobians = None
-            gram = torch.stack([_jacobian_gram_looped(model, rest_params, xi) for xi in x])
-            grams = gram if grams is None else grams + gram
-        for jac in jacobians or ():
-            j = jac.reshape(jac.shape[0], jac.shape[1], -1)
-            gram = j @ j.transpose(1, 2)
-            grams = gram if grams is None else grams + gram
-    return grams.detach()
+            pass  # a module torch.func cannot batch (in-place ops on captured tensors, custom autograd functions)
+        else:
+            js = [jac.reshape(jac.shape[0], jac.shape[1], -1) for jac in jacobians]
+            return sum(j @ j.transpose(1, 2) for j in js)
+    return torch.stack([_jacobian_gram_looped(model, params, xi) for xi in x])
 
 
 def _jacobian_gram_looped(model: nn.Module, params: list[nn.Parameter], xi: Tensor) -> Tensor:
@@ -1170,19 +1174,14 @@ def exact_trace_gauss_newton(
     dim = sum(p.numel() for p in params)
     total = torch.zeros((), dtype=torch.float64, device=device)
     with evaluation_mode(model), _no_autocast(device):
-        first = _to_model(inputs[:1], dtype, device)
-        with torch.no_grad():
-            k = model(first).numel()
-        linear = _per_example_linear(model, params, first)
+        linear, k = _per_example_linear(model, params, _to_model(inputs[:1], dtype, device))
         vmapped = dim - sum(p.numel() for m in linear for p in m.parameters())
         block = max(1, min(chunk_size, max_jacobian_elements // (k * max(vmapped, 1))))
         for start in range(0, n, block):
             x = _to_model(inputs[start : min(start + block, n)], dtype, device)
-            with torch.no_grad():
-                lam = _output_hessians(kind, model(x))
-            with torch.enable_grad():
-                grams = _jacobian_grams(model, names, params, x, linear)
-            total += (lam * grams).sum().double()  # Σᵢ tr(ΛᵢKᵢ): both symmetric
+            with torch.enable_grad():  # also under a caller's no_grad
+                grams, out = _jacobian_grams(model, names, params, x, linear)
+            total += (_output_hessians(kind, out) * grams).sum().double()  # Σᵢ tr(ΛᵢKᵢ): both symmetric
             if on_chunk is not None:
                 on_chunk(min(start + block, n), n)
     return TraceEstimate(float(total) / n, 0.0, 0, "gauss_newton_exact")
@@ -1235,6 +1234,22 @@ class SplitTraceEstimate(NamedTuple):
     method: str
     trace_gn: float
     residual: float
+
+
+def split_trace(
+    residual: Matvec | Tensor,
+    dim: int,
+    trace_gn: float,
+    num_matvecs: int,
+    generator: torch.Generator | None = None,
+    *,
+    method: str = "xtrace",
+    dtype: torch.dtype | None = None,
+    device=None,
+) -> SplitTraceEstimate:
+    """tr A = ``trace_gn`` + tr(``residual``), the residual A − G by ``estimate_trace``."""
+    rest = estimate_trace(residual, dim, num_matvecs, generator, method=method, dtype=dtype, device=device)
+    return SplitTraceEstimate(trace_gn + rest.value, rest.stderr, rest.num_matvecs, "split", trace_gn, rest.value)
 
 
 def choose_trace(
@@ -1317,5 +1332,4 @@ def trace_hessian(
     if method == "auto":
         hessian, _ = hessian_matvec(model, loss_fn, inputs, targets, chunk_size)
         return choose_trace(hessian, op, dim, gn.value, num_matvecs, generator)
-    rest = estimate_trace(op, dim, num_matvecs, generator, method=residual_method)
-    return SplitTraceEstimate(gn.value + rest.value, rest.stderr, rest.num_matvecs, "split", gn.value, rest.value)
+    return split_trace(op, dim, gn.value, num_matvecs, generator, method=residual_method)

@@ -167,8 +167,7 @@ def measure_sharpness(
             if trace_method == "auto":
                 tr = curvature.choose_trace(matvec, residual, dim, gn.value, hvps, generator)
             else:
-                rest = curvature.estimate_trace(residual, dim, hvps, generator, method="xtrace")
-                tr = curvature.SplitTraceEstimate(gn.value + rest.value, rest.stderr, rest.num_matvecs, "split", gn.value, rest.value)
+                tr = curvature.split_trace(residual, dim, gn.value, hvps, generator)
             residual_op.release()
             op.release()
             hvp_count = matvec.count + residual.count
