@@ -391,21 +391,24 @@ def test_R_refuses_bad_eta_momentum_and_budget():
 # --------------------------------------------------------------------------- Gauss–Newton
 
 
-def dense_gauss_newton_trace(model, x, kind: str) -> float:
-    """(1/n)·Σᵢ tr(Jᵢᵀ Hᵢ Jᵢ) from per-example Jacobians."""
+def dense_gauss_newton(model, x, kind: str) -> torch.Tensor:
+    """G = (1/n)·Σᵢ Jᵢᵀ Hᵢ Jᵢ from dense per-example Jacobians."""
     names = [n for n, p in model.named_parameters()]
     params = {n: p.detach() for n, p in model.named_parameters()}
 
     def output(p, xi):
-        return torch.func.functional_call(model, p, (xi.unsqueeze(0),)).squeeze(0)
+        return torch.func.functional_call(model, p, (xi.unsqueeze(0),)).reshape(-1)
 
     jac = torch.func.vmap(torch.func.jacrev(output), in_dims=(None, 0))(params, x)
     J = torch.cat([jac[n].reshape(x.shape[0], -1, params[n].numel()) for n in names], dim=2)
-    if kind == "mse":
-        return float((J**2).sum() / x.shape[0])
-    p = model(x).softmax(1).detach()
-    Hs = torch.diag_embed(p) - p[:, :, None] * p[:, None, :]
-    return float(torch.einsum("nkd,nkl,nld->", J, Hs, J) / x.shape[0])
+    out = model(x).detach()
+    lam = torch.eye(out.shape[1], dtype=out.dtype).expand(len(x), -1, -1) if kind == "mse" else (
+        torch.diag_embed(out.softmax(1)) - out.softmax(1)[:, :, None] * out.softmax(1)[:, None, :])  # fmt: skip
+    return torch.einsum("nkd,nkl,nle->de", J, lam, J) / len(x)
+
+
+def dense_gauss_newton_trace(model, x, kind: str) -> float:
+    return float(torch.trace(dense_gauss_newton(model, x, kind)))
 
 
 @pytest.mark.parametrize(
@@ -508,21 +511,6 @@ def test_exact_trace_gauss_newton_without_vmap(monkeypatch):
 
     monkeypatch.setattr(torch.func, "vmap", refuse)
     assert cv.exact_trace_gauss_newton(model, cv.cross_entropy_loss, x, y).value == pytest.approx(exact, rel=1e-10)
-
-
-def dense_gauss_newton(model, x, kind: str) -> torch.Tensor:
-    names = [n for n, p in model.named_parameters()]
-    params = {n: p.detach() for n, p in model.named_parameters()}
-
-    def output(p, xi):
-        return torch.func.functional_call(model, p, (xi.unsqueeze(0),)).reshape(-1)
-
-    jac = torch.func.vmap(torch.func.jacrev(output), in_dims=(None, 0))(params, x)
-    J = torch.cat([jac[n].reshape(x.shape[0], -1, params[n].numel()) for n in names], dim=2)
-    out = model(x).detach()
-    lam = torch.eye(out.shape[1], dtype=out.dtype).expand(len(x), -1, -1) if kind == "mse" else (
-        torch.diag_embed(out.softmax(1)) - out.softmax(1)[:, :, None] * out.softmax(1)[:, None, :])  # fmt: skip
-    return torch.einsum("nkd,nkl,nle->de", J, lam, J) / len(x)
 
 
 @pytest.mark.parametrize("norm", ["none", "groupnorm"])
