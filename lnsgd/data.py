@@ -12,6 +12,9 @@ with a permutation: no DataLoader workers, no PIL in the hot path.
 
 ``train_size``/``test_size`` take a fixed subset: the first N of a permutation
 seeded independently of the run seed, so every seed of a study sees the same data.
+
+``data.augment=crop_flip`` (off by default, as in the paper) is ``crop_flip``: the
+standard CIFAR augmentation, batched on the device from an explicit generator.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 from lnsgd.errors import LnsgdError
 from lnsgd.models import DataSpec
@@ -210,3 +214,62 @@ def load(recipe: Recipe | DataConfig, device: torch.device | str = "cpu") -> Dat
         num_outputs = NUM_CLASSES[name]  # fixed per dataset: a small subset may miss a class
     spec = DataSpec(tuple(x.shape[1:]), num_outputs, task)
     return Data(name, x, y, xt, yt, mean, std, spec).to(device)
+
+
+# --------------------------------------------------------------------------- augmentation
+
+
+def _check_images(x: torch.Tensor) -> None:
+    if x.ndim != 4:
+        raise LnsgdError(
+            f"data.augment=crop_flip needs a batch of images (N, C, H, W); got a tensor of shape {tuple(x.shape)} "
+            "(set data.augment=none for signals and features)"
+        )
+
+
+def crop_flip_params(
+    n: int, generator: torch.Generator, padding: int = 4, device: torch.device | str = "cpu"
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-example (top, left, flip) for ``crop_flip_at``, drawn from ``generator`` only.
+
+    top and left are uniform on {0, …, 2·padding} (the crop's corner in the padded
+    image), flip is a fair coin. Draw order: one (2, n) ``randint`` for the offsets,
+    then one (n,) ``randint`` for the flips; ``generator`` must live on ``device``.
+    """
+    offsets = torch.randint(0, 2 * padding + 1, (2, n), generator=generator, device=device)
+    flip = torch.randint(0, 2, (n,), generator=generator, device=device).bool()
+    return offsets[0], offsets[1], flip
+
+
+def crop_flip_at(x: torch.Tensor, top: torch.Tensor, left: torch.Tensor, flip: torch.Tensor, padding: int = 4) -> torch.Tensor:
+    """Crop each image of ``x`` (N, C, H, W) at (top, left) of its zero-padded copy, then mirror it where ``flip``.
+
+    Equivalent, example by example, to torchvision's ``pad(padding, fill=0)`` →
+    ``crop(top, left, H, W)`` → ``horizontal_flip`` if flip, done for the whole batch
+    with one gather (no Python loop over examples), on x's device and in x's dtype.
+    """
+    _check_images(x)
+    n, c, h, w = x.shape
+    padded = F.pad(x, (padding, padding, padding, padding))  # zeros, in x's own units
+    rows = top[:, None] + torch.arange(h, device=x.device)  # (N, H) rows of the padded image
+    cols = torch.arange(w, device=x.device)
+    cols = torch.where(flip[:, None], w - 1 - cols, cols) + left[:, None]  # (N, W); flipped: read right to left
+    batch = torch.arange(n, device=x.device)[:, None, None, None]
+    channel = torch.arange(c, device=x.device)[None, :, None, None]
+    return padded[batch, channel, rows[:, None, :, None], cols[:, None, None, :]]
+
+
+def crop_flip(x: torch.Tensor, generator: torch.Generator, padding: int = 4) -> torch.Tensor:
+    """Random crop with ``padding``-pixel zero padding and random horizontal flip, per example.
+
+    The standard CIFAR augmentation (the authors' ``DA`` flag; torchvision's
+    ``RandomCrop(32, padding=4)`` + ``RandomHorizontalFlip()``), for a batch ``x``
+    (N, C, H, W) on its device, drawing only from ``generator`` (which must be on
+    x's device; ``crop_flip_params`` gives the draw order). Apply it to the raw uint8
+    pixels, before ``Data.normalize``: the padding is 0 in pixel space (black), as
+    torchvision's RandomCrop pads raw pixels with fill=0; after normalization it reads
+    −mean/std per channel, not 0.
+    """
+    _check_images(x)
+    top, left, flip = crop_flip_params(x.shape[0], generator, padding, x.device)
+    return crop_flip_at(x, top, left, flip, padding)

@@ -7,13 +7,18 @@ that is the label-smoothed cross-entropy
     E[CE(ỹ)] = (1 − p)·CE(y) + p/(C − 1)·Σ_{c≠y} CE(c),
 
 and for ±σ or Gaussian noise with ℓ = ½‖f − y‖² it is the clean loss + kσ²/2
-(k outputs), whose Hessian equals the clean one. Every loss is a mean over the batch
+(k outputs), whose Hessian equals the clean one. ``noise.kind=smooth`` trains on the
+smoothed cross-entropy itself, with no sampled noise (``training_loss``), and
+``expected_loss_minimum`` is the floor of each expected loss over predictions (so
+``train/expected_loss_gap`` reads 0 on the manifold of minimizers). Every loss is a mean over the batch
 and carries ``kind`` ("cross_entropy" or "mse") so curvature code can pick the
 right output-space Hessian. Half-precision outputs (bf16 autocast) are promoted to
 float32; float64 stays float64 (curvature tests use it).
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -113,10 +118,57 @@ def clean_loss(kind: str):
     return cross_entropy_loss if kind == "cross_entropy" else mse_loss
 
 
+def training_loss(kind: str, noise_kind: str, p: float, num_classes: int):
+    """The loss the optimizer minimizes at each step, on the step's (possibly noised) targets.
+
+    For ``noise.kind=smooth`` that is flip noise's expected loss itself — the smoothed
+    cross-entropy on clean labels, no sampled noise (the authors' ``smoothing``
+    without ``label_noise``): it has the same L as flip noise but no noise-driven
+    regularizer, so it separates the two. Every other kind trains on the clean loss
+    of the noised targets (``noise.apply_noise``).
+    """
+    if noise_kind == "smooth":
+        if kind != "cross_entropy":
+            raise LnsgdError(f"noise.kind=smooth needs loss=cross_entropy; got loss={kind}")
+        return SmoothedCrossEntropy(p, num_classes)
+    return clean_loss(kind)
+
+
 def expected_loss(kind: str, noise_kind: str, p: float, sigma: float, num_outputs: int):
-    """The loss in expectation over the label noise (what the theory calls L)."""
+    """The loss in expectation over the label noise (what the theory calls L).
+
+    For smooth "noise" the training loss is already that expectation, so it is its own.
+    """
     if kind == "cross_entropy":
-        return SmoothedCrossEntropy(p, num_outputs) if noise_kind == "flip" and p > 0 else cross_entropy_loss
+        smoothed = noise_kind in ("flip", "smooth") and p > 0
+        return SmoothedCrossEntropy(p, num_outputs) if smoothed else cross_entropy_loss
     if noise_kind in ("sign", "gaussian"):
         return MSELoss(offset=num_outputs * sigma**2 / 2)
     return mse_loss
+
+
+def expected_loss_minimum(kind: str, noise_kind: str, p: float, sigma: float, num_outputs: int) -> float:
+    """The minimum over predictions of ``expected_loss(...)`` per example.
+
+    ``train/expected_loss`` minus this is ≥ 0 and goes to 0 on the manifold of
+    expected-loss minimizers the theory speaks of (the authors log their smoothed loss
+    minus the same minimum).
+
+    - flip / smooth with cross-entropy: the entropy of the smoothed target
+      distribution q (1−p on the label, p/(C−1) on each other class), attained at
+      softmax(f) = q: H(q) = −(1−p)·log(1−p) − p·log(p/(C−1)).
+    - clean cross-entropy (any other noise kind): 0, an infimum approached as the
+      logits grow, never attained.
+    - ±σ or Gaussian noise with ½‖f − y‖² (k outputs): the noise term kσ²/2, attained at f = y.
+    - clean MSE: 0.
+    """
+    if kind == "cross_entropy":
+        if noise_kind not in ("flip", "smooth") or p == 0:
+            return 0.0
+        if num_outputs < 2:
+            raise LnsgdError(f"label smoothing over {num_outputs} class(es) is undefined; need ≥ 2 classes")
+        keep = -(1 - p) * math.log(1 - p) if p < 1 else 0.0
+        return keep - p * math.log(p / (num_outputs - 1))
+    if noise_kind in ("sign", "gaussian"):
+        return num_outputs * sigma**2 / 2
+    return 0.0

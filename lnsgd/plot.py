@@ -20,8 +20,9 @@ The pieces, top to bottom:
    Seeds logged at the same epochs/steps line up exactly; with ``x="time_s"`` they
    rarely do, so each point then usually comes from one run.
 4. *Figures* in the layout of Damian, Ma & Lee (2021), Figure 3: train accuracy,
-   test accuracy and sharpness against x, and test accuracy against sharpness,
-   written as PNG and PDF together with a CSV of exactly the values drawn.
+   test accuracy, the expected loss's gap to its minimum (when logged) and
+   sharpness against x, and test accuracy against sharpness, written as PNG and
+   PDF together with a CSV of exactly the values drawn.
 5. *Comparison* of final metrics per group, as rows for a CSV or a rich table.
 """
 
@@ -60,6 +61,7 @@ KNOWN_METRICS = (
     "train/loss",
     "train/acc",
     "train/expected_loss",
+    "train/expected_loss_gap",
     "test/loss",
     "test/acc",
     "train/noisy_loss",
@@ -74,6 +76,11 @@ KNOWN_METRICS = (
 
 # The name that asks for the test-accuracy-against-sharpness panel in `metrics`.
 CORRELATION = "correlation"
+
+# The expected loss minus its minimum over predictions: the distance to the manifold of
+# expected-loss minimizers that the theory's flattening moves along. A default panel
+# whenever a run logged it.
+GAP = "train/expected_loss_gap"
 
 # Recipe keys that differ between runs of one configuration by nature, not by
 # design; a key is ignored when it equals an entry or starts with "<entry>.".
@@ -90,6 +97,7 @@ METRIC_LABELS = {
     "train/loss": ("Train loss (clean labels)", "loss"),
     "train/acc": ("Train accuracy (clean labels)", "accuracy (%)"),
     "train/expected_loss": ("Train loss, expected over label noise", "loss"),
+    "train/expected_loss_gap": ("Expected train loss above its minimum", "L(θ) − min L"),
     "test/loss": ("Test loss", "loss"),
     "test/acc": ("Test accuracy", "accuracy (%)"),
     "train/noisy_loss": ("Train loss on noisy labels", "loss"),
@@ -477,7 +485,8 @@ def _panel_list(
     present = {k for r in runs for row in r.rows for k in row}
     sharp_default = next((m for m in ("sharp/R", "sharp/trace_hessian") if _has_metric(runs, m)), None)
     if metrics is None:
-        wanted = ["train/acc", "test/acc", sharp_default or "sharp/R", CORRELATION]
+        wanted = ["train/acc", "test/acc", *([GAP] if _has_metric(runs, GAP) else []), sharp_default or "sharp/R",
+                  CORRELATION]
         sharp = sharp_default
     else:
         wanted = list(dict.fromkeys(metrics))
@@ -507,10 +516,13 @@ def _panel_list(
 
 def _log_scale(metric: str, values: Sequence[float]) -> bool:
     """Losses and curvature may span orders of magnitude (DESIGN.md: plain SGD's
-    trace fell 170× by confidence alone); use a log axis when they do."""
+    trace fell 170× by confidence alone); use a log axis when they do. The loss gap
+    falls towards 0, so it gets a log axis whenever every value is positive."""
+    positive = [v for v in values if v > 0]
+    if metric == GAP:
+        return len(positive) == len(values) and bool(values)
     if not (metric.startswith("sharp/") or metric.endswith("loss") or metric == "grad/norm"):
         return False
-    positive = [v for v in values if v > 0]
     return len(positive) == len(values) and bool(values) and max(values) / min(values) >= 100
 
 
@@ -557,7 +569,8 @@ def plot_runs(
     CSV is always written. `ignore` lists extra recipe keys that should not split
     groups (see `group_runs`).
 
-    Panels: each metric against `x` (median line, min–max band over seeds), and
+    Panels: each metric against `x` (median line, min–max band over seeds; the
+    default list adds train/expected_loss_gap, on a log axis, when a run has it), and
     with the default metrics (or "correlation" in `metrics`) test accuracy
     against sharpness (sharp/R if any run has it, else sharp/trace_hessian) as in
     Damian et al. (2021), Fig. 3. The correlation panel pairs each group's median

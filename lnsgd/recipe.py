@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from lnsgd.errors import LnsgdError
 
@@ -58,6 +58,11 @@ class DataConfig(Section):
         None, ge=1, description="use this many training examples (a fixed subset, the same for every seed); null: all"
     )
     test_size: int | None = Field(None, ge=1, description="use this many test examples (a fixed subset); null: all")
+    augment: Literal["none", "crop_flip"] = Field(
+        "none",
+        description="training-batch augmentation: none (as in the paper), or crop_flip (random crop with 4-pixel "
+        "zero padding + horizontal flip, per example, on the device; image datasets only)",
+    )
     synthetic: SyntheticData = Field(default_factory=SyntheticData, description="settings of the synthetic dataset")
 
 
@@ -72,7 +77,11 @@ class ModelConfig(Section):
     norm: Literal["groupnorm", "batchnorm", "none"] | None = Field(
         None, description="normalization layer; null: the model's default (groupnorm for resnet18, none otherwise)"
     )
-    group_size: int = Field(16, ge=1, description="channels per group for groupnorm; must divide every layer's width")
+    group_size: int | None = Field(
+        None, ge=1,
+        description="channels per group for groupnorm; must divide every layer's width; "
+        "null: the model's default (32 for resnet18, as the paper's code; 16 otherwise)",
+    )
     width: int | None = Field(
         None, ge=1, description="base width: resnet18 first-stage channels (64), cnn channels (32), mlp hidden units (512)"
     )
@@ -101,12 +110,19 @@ class InitConfig(Section):
 
 
 class NoiseConfig(Section):
-    """Label noise, drawn fresh for every example of every step."""
+    """Label noise, drawn fresh for every example of every step (or, for smooth, its expectation)."""
 
-    kind: Literal["flip", "sign", "gaussian", "none"] = Field(
-        "none", description="flip (classification), sign (y±sigma), gaussian (y+N(0,sigma²)), none (plain SGD)"
+    kind: Literal["flip", "smooth", "sign", "gaussian", "none"] = Field(
+        "none",
+        description="flip (classification), smooth (no sampled noise: train on flip's expected loss, "
+        "the label-smoothed CE — the control without the noise-driven regularizer), "
+        "sign (y±sigma), gaussian (y+N(0,sigma²)), none (plain SGD)",
     )
-    p: float = Field(0.0, ge=0, lt=1, description="flip: probability of replacing a label by a uniformly random other class")
+    p: float = Field(
+        0.0, ge=0, lt=1,
+        description="flip: probability of replacing a label by a uniformly random other class; "
+        "smooth: the same p, as label smoothing (1−p on the label, p/(C−1) on each other class)",
+    )
     sigma: float = Field(0.0, ge=0, description="sign/gaussian: noise scale")
 
 
@@ -144,7 +160,11 @@ class TrainConfig(Section):
 class SharpnessTrack(Section):
     """Curvature measured during training on a fixed subset of the training set."""
 
-    every: int = Field(1, ge=1, description="measure every this many evaluations")
+    every: int = Field(
+        1, ge=1,
+        description="measure every this many epochs: at the evaluations whose epoch is a multiple of it "
+        "(keep it a multiple of train.eval_every)",
+    )
     examples: int = Field(1000, ge=1, description="first N training examples used for the Hessian")
     hvps: int = Field(40, ge=4, description="Hessian-vector products per estimate")
     measures: tuple[Literal["trace", "lambda_max", "trace_gn", "R"], ...] = Field(
@@ -200,7 +220,11 @@ class Recipe(Section):
     seed: int = Field(0, description="seed of initialization, batch order and label noise")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto picks cuda when available")
     precision: Literal["fp32", "tf32", "bf16"] = Field("fp32", description="training precision (curvature is always fp32+)")
-    compile: Literal["off", "default", "cuda-graphs"] = Field("off", description="torch.compile mode of the training step")
+    compile: Literal["off", "default", "cuda-graphs"] = Field(
+        "off",
+        description="the training step: off (eager), default (torch.compile of the whole step), "
+        "cuda-graphs (compiled and replayed as a CUDA graph; GPU only)",
+    )
     data: DataConfig = Field(default_factory=DataConfig, description="dataset")
     model: ModelConfig = Field(default_factory=ModelConfig, description="network")
     init: InitConfig = Field(default_factory=InitConfig, description="starting point")
@@ -212,16 +236,27 @@ class Recipe(Section):
     log: LogConfig = Field(default_factory=LogConfig, description="outputs")
     theory: TheoryConfig = Field(default_factory=TheoryConfig, description="lnsgd theory settings")
 
+    @field_validator("compile", mode="before")
+    @classmethod
+    def _bare_off(cls, value: Any) -> Any:
+        # YAML 1.1 reads a bare `off` (or `no`) as false: `compile: off` must mean what it says.
+        return "off" if value is False else value
+
     @model_validator(mode="after")
     def _consistent(self) -> Recipe:
-        if self.noise.kind == "flip" and self.loss != "cross_entropy":
-            raise ValueError("noise.kind=flip needs loss=cross_entropy (use sign or gaussian noise with mse)")
+        if self.noise.kind in ("flip", "smooth") and self.loss != "cross_entropy":
+            raise ValueError(f"noise.kind={self.noise.kind} needs loss=cross_entropy (use sign or gaussian noise with mse)")
         if self.noise.kind in ("sign", "gaussian") and self.loss != "mse":
             raise ValueError(f"noise.kind={self.noise.kind} needs loss=mse (use flip noise with cross_entropy)")
-        if self.noise.kind == "flip" and self.noise.p == 0:
-            raise ValueError("noise.kind=flip needs noise.p > 0 (use noise.kind=none for plain SGD)")
+        if self.noise.kind in ("flip", "smooth") and self.noise.p == 0:
+            raise ValueError(f"noise.kind={self.noise.kind} needs noise.p > 0 (use noise.kind=none for plain SGD)")
         if self.noise.kind in ("sign", "gaussian") and self.noise.sigma == 0:
             raise ValueError(f"noise.kind={self.noise.kind} needs noise.sigma > 0 (use noise.kind=none for plain SGD)")
+        if self.data.augment == "crop_flip" and self.data.name not in IMAGE_DATASETS:
+            raise ValueError(
+                f"data.augment=crop_flip needs an image dataset (C, H, W): one of {', '.join(IMAGE_DATASETS)}; "
+                f"data.name={self.data.name} is not one (set data.augment=none)"
+            )
         if self.data.name == "synthetic" and self.loss != "mse":
             raise ValueError("data.name=synthetic is regression: set loss=mse")
         return self
@@ -387,14 +422,17 @@ def steps_per_epoch(recipe: Recipe, train_size: int) -> int:
     return train_size // recipe.optim.batch_size
 
 
-def lambda_eff(recipe: Recipe) -> float:
+def lambda_eff(recipe: Recipe, train_size: int) -> float:
     """λ of the implicit regularizer: ησ²/(B(1−β)) for sign/gaussian noise.
 
     For flip noise there is no σ; we report η/(B(1−β)), the factor multiplying the
-    noise covariance (Damian et al. 2021, Sec. 3 with momentum, Sec. 5).
+    noise covariance (Damian et al. 2021, Sec. 3 with momentum, Sec. 5). B is the
+    examples averaged per step: ``optim.batch_size``, or ``train_size`` (the whole
+    training set) with ``optim.full_batch``. Without sampled noise (none, smooth)
+    there is no noise-driven regularizer: 0.
     """
     o = recipe.optim
-    batch = o.batch_size if not o.full_batch else 1
+    batch = train_size if o.full_batch else o.batch_size
     base = o.lr / (batch * (1 - o.momentum))
     if recipe.noise.kind in ("sign", "gaussian"):
         return base * recipe.noise.sigma**2

@@ -465,7 +465,7 @@ def _run(recipe: Recipe, run_dir: Path, device: torch.device, force: bool, progr
     problem = Problem(model, x, y)
 
     eta, beta = recipe.optim.lr, recipe.optim.momentum
-    lam = lambda_eff(recipe)
+    lam = lambda_eff(recipe, len(y))
     theta0 = flat_parameters(module).to(device)
     started = time.perf_counter()
     theta0 = _fit(problem, theta0, recipe.theory.fit_steps, recipe.theory.fit_lr or eta, progress)

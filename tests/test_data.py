@@ -129,3 +129,85 @@ def load_recipe_dict(raw: dict):
     from lnsgd.recipe import recipe_from_dict
 
     return recipe_from_dict(raw)
+
+
+# --------------------------------------------------------------------------- crop_flip augmentation
+
+
+def test_crop_flip_at_matches_torchvision_pad_crop_hflip_for_every_offset_and_flip():
+    from torchvision.transforms.v2 import functional as TF
+
+    g = torch.Generator().manual_seed(0)
+    combos = [(t, l, f) for t in range(9) for l in range(9) for f in (False, True)]  # noqa: E741
+    x = torch.randint(1, 256, (len(combos), 3, 32, 32), generator=g, dtype=torch.uint8)  # no 0s: padding shows
+    top, left, flip = (torch.tensor(v) for v in zip(*combos))
+    out = lnsgd_data.crop_flip_at(x, top, left, flip)
+    assert out.dtype == torch.uint8 and out.shape == x.shape
+    for i, (t, l, f) in enumerate(combos):  # noqa: E741
+        ref = TF.crop(TF.pad(x[i], [4], fill=0), t, l, 32, 32)  # torchvision's RandomCrop(32, padding=4) at (t, l)
+        if f:
+            ref = TF.horizontal_flip(ref)
+        assert torch.equal(out[i], ref), (t, l, f)
+    # (4, 4) without a flip is the identity; the corners show 4 rows/columns of zero padding.
+    assert torch.equal(out[combos.index((4, 4, False))], x[combos.index((4, 4, False))])
+    assert (out[combos.index((0, 0, False)), :, :4, :] == 0).all() and (out[combos.index((0, 0, False)), :, 4:, 4:] > 0).all()
+
+
+def _decode_crop_flip(out: torch.Tensor, padding: int = 4) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(top, left, flip) of crop_flip outputs of the coordinate image (channel 0: row+1, channel 1:
+    column+1), and check that each output is a translated (and mirrored) copy: on every pixel that
+    is not padding, source row − output row and source column ∓ output column are constant."""
+    n, _, h, w = out.shape
+    valid = out[:, 0] > 0
+    i = torch.arange(h)[None, :, None].expand(n, h, w)
+    j = torch.arange(w)[None, None, :].expand(n, h, w)
+    src_row, src_col = out[:, 0].long() - 1, out[:, 1].long() - 1
+    big = 10**6
+
+    def constant(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        lo = torch.where(valid, v, big).flatten(1).min(1).values
+        hi = torch.where(valid, v, -big).flatten(1).max(1).values
+        return lo, lo == hi
+
+    top, ok = constant(src_row - i)
+    assert ok.all()
+    straight, is_straight = constant(src_col - j)
+    mirrored, is_mirrored = constant(src_col + j)
+    assert (is_straight ^ is_mirrored).all()  # at least 2 columns survive any crop, so exactly one holds
+    left = torch.where(is_straight, straight, mirrored - (w - 1)) + padding
+    return top + padding, left, is_mirrored
+
+
+def test_crop_flip_offsets_are_uniform_over_0_to_8_and_flips_fair():
+    n, h, w = 18_000, 8, 8
+    rows = torch.arange(1, h + 1, dtype=torch.uint8)[:, None].expand(h, w)
+    cols = torch.arange(1, w + 1, dtype=torch.uint8)[None, :].expand(h, w)
+    x = torch.stack([rows, cols]).expand(n, 2, h, w).contiguous()  # (N, 2, 8, 8): coordinates as pixels
+    g = torch.Generator().manual_seed(1)
+    state = g.get_state()
+    out = lnsgd_data.crop_flip(x, g)
+    top, left, flip = _decode_crop_flip(out)
+    expected = n / 9
+    for offsets in (top, left):
+        counts = torch.bincount(offsets, minlength=9).double()
+        assert counts.numel() == 9  # nothing outside 0..8
+        chi2 = ((counts - expected) ** 2 / expected).sum().item()
+        assert chi2 < 26.1, counts  # χ²(8) at p = 0.999
+    assert abs(flip.double().mean().item() - 0.5) < 5 * (0.25 / n) ** 0.5
+    # The three draws are independent of each other: the (top, left) pairs are uniform over 81 cells.
+    pairs = torch.bincount(top * 9 + left, minlength=81).double()
+    assert ((pairs - n / 81) ** 2 / (n / 81)).sum().item() < 124.8  # χ²(80) at p = 0.999
+    # Only the given generator is drawn from: the same state gives the same batch, whatever torch's global RNG does.
+    g.set_state(state)
+    torch.manual_seed(123)
+    assert torch.equal(lnsgd_data.crop_flip(x, g), out)
+
+
+def test_crop_flip_works_on_float_images_and_refuses_non_images():
+    g = torch.Generator().manual_seed(2)
+    x = torch.rand(5, 3, 16, 16, generator=g) + 1
+    out = lnsgd_data.crop_flip(x, g)
+    assert out.dtype == x.dtype and out.shape == x.shape
+    assert set(torch.unique(out[out <= 1]).tolist()) <= {0.0}  # only padding is ≤ 1
+    with pytest.raises(LnsgdError, match=r"needs a batch of images \(N, C, H, W\)"):
+        lnsgd_data.crop_flip(torch.zeros(5, 1, 40), g)

@@ -59,3 +59,15 @@ def test_noise_is_reproducible_from_the_generator_state():
     a = flip_labels(y, 0.3, 10, g)
     g.set_state(state)
     assert torch.equal(a, flip_labels(y, 0.3, 10, g))
+
+
+def test_smooth_leaves_targets_clean_and_draws_nothing():
+    from lnsgd.noise import apply_noise
+    from lnsgd.recipe import NoiseConfig
+
+    g = torch.Generator().manual_seed(5)
+    y = torch.randint(0, 10, (1000,))
+    state = g.get_state()
+    out = apply_noise(NoiseConfig(kind="smooth", p=0.2), y, 10, g)
+    assert torch.equal(out, y)
+    assert torch.equal(g.get_state(), state)  # the noise stream is untouched

@@ -321,3 +321,22 @@ def test_correlation_alone_still_names_groups_in_the_legend(sweep, tmp_path):
     (legend,) = result.figure.legends
     texts = [t.get_text() for t in legend.get_texts()]
     assert texts[:2] == ["optim.lr=0.5 (n=3)", "optim.lr=1.0 (n=3)"]
+
+
+def test_expected_loss_gap_is_a_default_panel_with_a_log_axis_when_logged(tmp_path):
+    gaps = [0.5, 0.05, 0.004]
+    rows = rows_for(0)
+    for row, gap in zip(rows, gaps):
+        row["train/expected_loss_gap"] = gap
+    write_run(tmp_path / "a", make_recipe("a"), rows)
+    result = plot_runs([tmp_path / "a"], tmp_path / "out", formats=())
+    assert result.panels == ["train/acc", "test/acc", "train/expected_loss_gap", "sharp/R", "correlation"]
+    (ax,) = [a for a in result.figure.axes if a.get_title() == "Expected train loss above its minimum"]
+    assert ax.get_yscale() == "log"  # the gap falls towards 0: orders of magnitude matter
+    drawn = [float(r["median"]) for r in read_csv(result.files[-1]) if r["panel"] == "train/expected_loss_gap"]
+    assert drawn == gaps
+    # A gap that touches 0 cannot go on a log axis: linear, and still drawn.
+    write_run(tmp_path / "b", make_recipe("b"), [dict(r, **{"train/expected_loss_gap": g}) for r, g in zip(rows, [0.5, 0.0, 0.0])])
+    result = plot_runs([tmp_path / "b"], tmp_path / "out_b", metrics=["train/expected_loss_gap"], formats=())
+    assert result.panels == ["train/expected_loss_gap"] and result.figure.axes[0].get_yscale() == "linear"
+    # Runs without it (older runs) keep the four default panels (test_default_figure_files_panels_and_exact_csv).

@@ -79,6 +79,33 @@ def test_inconsistent_noise_and_loss(write_recipe):
         load_recipe(write_recipe(), ["loss=mse"])
     with pytest.raises(LnsgdError, match="needs loss=mse"):
         load_recipe(write_recipe(), ["noise.kind=sign", "noise.sigma=0.5"])
+    with pytest.raises(LnsgdError, match="noise.kind=smooth needs loss=cross_entropy"):
+        load_recipe(write_recipe(), ["noise.kind=smooth", "loss=mse"])
+    with pytest.raises(LnsgdError, match="noise.kind=smooth needs noise.p > 0"):
+        load_recipe(write_recipe(), ["noise.kind=smooth", "noise.p=0"])
+    assert load_recipe(write_recipe(), ["noise.kind=smooth"]).noise.p == 0.2
+
+
+def test_augment_needs_an_image_dataset(write_recipe):
+    assert load_recipe(write_recipe()).data.augment == "none"  # the paper trains without augmentation
+    assert load_recipe(write_recipe(), ["data.augment=crop_flip"]).data.augment == "crop_flip"  # digits: (1, 8, 8)
+    for name in ("mnist1d", "synthetic"):
+        extra = ["loss=mse", "noise.kind=none", "noise.p=0"] if name == "synthetic" else []
+        with pytest.raises(LnsgdError, match="data.augment=crop_flip needs an image dataset") as e:
+            load_recipe(write_recipe(), [f"data.name={name}", "data.augment=crop_flip", *extra])
+        assert "\n" not in str(e.value)
+    with pytest.raises(LnsgdError, match="data.augment"):
+        load_recipe(write_recipe(), ["data.augment=random"])
+
+
+def test_group_size_default_depends_on_the_model(write_recipe):
+    from lnsgd.models import group_size_of
+
+    r = load_recipe(write_recipe())
+    assert r.model.group_size is None
+    assert group_size_of(with_overrides(r, ["model.name=resnet18"]).model) == 32  # the authors' default
+    assert group_size_of(r.model) == 16
+    assert group_size_of(with_overrides(r, ["model.name=resnet18", "model.group_size=8"]).model) == 8
 
 
 @pytest.mark.parametrize("bad", ["optim.lr", "=3", "optim..lr=1", "optim.lr 0.5", "1x=2"])
@@ -101,11 +128,18 @@ def test_relative_paths_resolve_against_the_recipe_folder(tmp_path: Path):
 def test_lambda_and_steps_hand_computed(write_recipe):
     r = load_recipe(write_recipe(), ["loss=mse", "noise.kind=sign", "noise.sigma=0.5", "optim.lr=0.2", "optim.batch_size=8",
                                      "optim.momentum=0.9"])  # fmt: skip
-    assert lambda_eff(r) == pytest.approx(0.2 * 0.25 / (8 * 0.1))
+    assert lambda_eff(r, 100) == pytest.approx(0.2 * 0.25 / (8 * 0.1))
     assert steps_per_epoch(r, 100) == 12  # ⌊100/8⌋, last partial batch dropped
     r = load_recipe(write_recipe(), ["optim.lr=0.1", "optim.batch_size=32"])
-    assert lambda_eff(r) == pytest.approx(0.1 / 32)  # flip: η/(B(1−β))
-    assert lambda_eff(with_overrides(r, ["noise.kind=none", "noise.p=0"])) == 0.0
+    assert lambda_eff(r, 200) == pytest.approx(0.1 / 32)  # flip: η/(B(1−β))
+    assert lambda_eff(with_overrides(r, ["noise.kind=none", "noise.p=0"]), 200) == 0.0
+    # smooth trains on the expectation itself: no sampled noise, no noise-driven regularizer.
+    assert lambda_eff(with_overrides(r, ["noise.kind=smooth"]), 200) == 0.0
+    # Full batch: every step averages the whole training set, B = n (not 1).
+    assert lambda_eff(with_overrides(r, ["optim.full_batch=true"]), 200) == pytest.approx(0.1 / 200)
+    fb = load_recipe(write_recipe(), ["loss=mse", "noise.kind=gaussian", "noise.sigma=0.5", "optim.lr=0.2",
+                                      "optim.full_batch=true", "optim.momentum=0.5"])  # fmt: skip
+    assert lambda_eff(fb, 40) == pytest.approx(0.2 * 0.25 / (40 * 0.5))
 
 
 def test_schedules_hand_computed(write_recipe):

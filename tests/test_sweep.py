@@ -142,7 +142,8 @@ def test_runs_are_pinned_round_robin_to_the_least_busy_gpu():
 
 
 def test_sweep_specs_are_shipped():
-    assert {p.name for p in SPECS} >= {"quickstart-noise.sweep", "fig3-cifar10.sweep", "fig4-cifar10-momentum.sweep"}
+    assert {p.name for p in SPECS} >= {"quickstart-noise.sweep", "fig3-cifar10.sweep", "fig4-cifar10-momentum.sweep",
+                                       "fig3-cifar10-smoothing-control.sweep", "fig4-cifar10-momentum-lambda-matched.sweep"}
 
 
 @pytest.mark.parametrize("path", SPECS, ids=lambda p: p.name)
@@ -159,13 +160,17 @@ def test_every_sweep_spec_expands_and_each_point_validates(path: Path):
         assert (r.data.name, r.model.name, r.noise.kind, r.noise.p, r.optim.batch_size) == (
             "cifar10",
             "resnet18",
-            "flip",
+            "smooth" if "smoothing-control" in path.name else "flip",
             0.2,
             256,
         )
+        assert r.model.group_size in (None, 32)  # the authors' GroupNorm: 32 channels per group
         assert {p.recipe.seed for p in plan.points} == {0, 1, 2}
         assert len({p.recipe.init.checkpoint for p in plan.points}) == 2
         assert {p.recipe.optim.momentum for p in plan.points} == ({0.0} if path.name.startswith("fig3") else {0.9})
+        # Figure 4 runs at Figure 3's learning rates (the paper, Sec. 5.1); only the named extra divides them by 10.
+        lrs = {p.recipe.optim.lr for p in plan.points}
+        assert lrs == ({0.05, 0.1, 0.2} if "lambda-matched" in path.name else {0.5, 1.0, 2.0})
 
 
 # --------------------------------------------------------------------------- bad input
