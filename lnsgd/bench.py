@@ -21,15 +21,17 @@ from torch import nn
 
 from lnsgd.errors import LnsgdError
 from lnsgd.models import DataSpec, build_model
-from lnsgd.noise import flip_labels
 from lnsgd.recipe import ModelConfig
+from lnsgd.step import autocast_for, check_compile_mode
+
+CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
 
 
 @dataclass
 class BenchConfig:
     model: str = "resnet18"
     width: int | None = None  # model width; None: the model's default (64 for resnet18)
-    group_size: int = 16  # GroupNorm channels per group (ResNet18-GN as in the paper)
+    group_size: int = 32  # GroupNorm channels per group (ResNet18-GN as the authors built it)
     batch_size: int = 256
     steps: int = 50  # timed steps per pipeline, after warmup
     warmup: int = 5
@@ -87,8 +89,7 @@ def reference_pipeline(cfg: BenchConfig, images, labels, test_images, test_label
     """Images/s of the reference training loop, and one epoch + test evaluation."""
     from torchvision import transforms
 
-    mean, std = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
-    tf = transforms.Compose([transforms.ToTensor(), transforms.Normalize(mean, std)])
+    tf = transforms.Compose([transforms.ToTensor(), transforms.Normalize(CIFAR_MEAN, CIFAR_STD)])
     loader_kw = dict(batch_size=cfg.batch_size, num_workers=cfg.workers, pin_memory=device.type == "cuda",
                      drop_last=True, persistent_workers=cfg.workers > 0)  # fmt: skip
     train_loader = torch.utils.data.DataLoader(_PILDataset(images, labels, tf), shuffle=True, **loader_kw)
@@ -144,63 +145,49 @@ def reference_pipeline(cfg: BenchConfig, images, labels, test_images, test_label
 
 
 def lnsgd_pipeline(cfg: BenchConfig, images, labels, test_images, test_labels, device: torch.device) -> dict:
-    """Images/s of lnsgd's step: data on the device, noise on the device, optional bf16 + compile."""
-    from lnsgd.train import compile_model, grad_norm
+    """Images/s of lnsgd's own training step (``lnsgd.step.TrainStep``, as ``lnsgd train`` runs it) and one epoch + test evaluation."""
+    from lnsgd.data import Data
+    from lnsgd.losses import clean_loss
+    from lnsgd.optim import SGD
+    from lnsgd.recipe import NoiseConfig
+    from lnsgd.step import TrainStep
+    from lnsgd.train import evaluate, plain_train_set
 
-    x_all = torch.as_tensor(images).permute(0, 3, 1, 2).contiguous().to(device)  # uint8 on the device
-    y_all = torch.as_tensor(labels, dtype=torch.int64).to(device)
-    xt = torch.as_tensor(test_images).permute(0, 3, 1, 2).contiguous().to(device)
-    yt = torch.as_tensor(test_labels, dtype=torch.int64).to(device)
-    mean = torch.tensor((0.4914, 0.4822, 0.4465), device=device).view(3, 1, 1) * 255
-    std = torch.tensor((0.2470, 0.2435, 0.2616), device=device).view(3, 1, 1) * 255
+    as_images = lambda a: torch.as_tensor(a).permute(0, 3, 1, 2).contiguous().to(device)  # noqa: E731 - uint8 on the device
+    mean = torch.tensor(CIFAR_MEAN, device=device).view(3, 1, 1) * 255
+    std = torch.tensor(CIFAR_STD, device=device).view(3, 1, 1) * 255
+    data = Data("bench", as_images(images), torch.as_tensor(labels, dtype=torch.int64).to(device), as_images(test_images),
+                torch.as_tensor(test_labels, dtype=torch.int64).to(device), mean, std, DataSpec((3, cfg.image, cfg.image), 10))  # fmt: skip
     model = _model(cfg, device)
-    fwd = compile_model(model, cfg.compile, device)
-    opt = torch.optim.SGD(model.parameters(), lr=0.1, **({"fused": True} if device.type == "cuda" else {}))
-    gen = torch.Generator(device=device).manual_seed(0)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
-    if cfg.precision == "tf32":
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    loss_sum = torch.zeros((), device=device)
+    train_set, test_set = plain_train_set(data, "cross_entropy"), plain_train_set(data, "cross_entropy", split="test")
     B = cfg.batch_size
+    spe = len(labels) // B
+    step = TrainStep(model, train_set, clean_loss("cross_entropy"), NoiseConfig(kind="flip", p=cfg.p), 10,
+                     SGD(dict(model.named_parameters())), batch_size=B, steps_per_epoch=spe, precision=cfg.precision,
+                     compile_mode=cfg.compile, device=device)  # fmt: skip
+    gen = torch.Generator(device=device).manual_seed(0)
 
-    def step(idx):
-        x = (x_all[idx].float() - mean) / std
-        y = flip_labels(y_all[idx], cfg.p, 10, gen)
-        opt.zero_grad(set_to_none=True)
-        with autocast:
-            loss = nn.functional.cross_entropy(fwd(x), y)
-        loss.backward()
-        grad_norm(model)  # lnsgd logs the gradient norm: kept on the device
-        opt.step()
-        loss_sum.add_(loss.detach().float())  # accumulated on the device: no host sync
+    def epoch_start():
+        step.start_epoch(torch.randperm(len(labels), generator=gen, device=device), gen, None, [0.1] * spe)
 
-    perm = torch.randperm(len(y_all), generator=gen, device=device)
-    batches = len(y_all) // B
+    def run(steps: int) -> None:
+        for i in range(steps):
+            if i % spe == 0:
+                epoch_start()
+            step.step()
 
-    def batch(i):
-        return perm[(i % batches) * B : (i % batches + 1) * B]
-
-    for i in range(cfg.warmup):
-        step(batch(i))
+    run(cfg.warmup)
     _sync(device)
     _reset_peak(device)
     t = time.perf_counter()
-    for i in range(cfg.steps):
-        step(batch(i))
+    run(cfg.steps)
     _sync(device)
     out = {"img_per_s": cfg.steps * B / (time.perf_counter() - t), "peak_mb": _peak_mb(device)}
     if cfg.epoch:
         t = time.perf_counter()
-        perm = torch.randperm(len(y_all), generator=gen, device=device)
-        for i in range(batches):
-            step(perm[i * B : (i + 1) * B])
-        model.eval()
-        correct = torch.zeros((), device=device, dtype=torch.int64)
-        with torch.no_grad(), autocast:
-            for s in range(0, len(yt), 2048):
-                correct += (model((xt[s : s + 2048].float() - mean) / std).argmax(1) == yt[s : s + 2048]).sum()
-        model.train()
-        correct.item()
+        run(spe)
+        evaluate(model, test_set, clean_loss("cross_entropy"), clean_loss("cross_entropy"), 2048, True,
+                 autocast_for(cfg.precision, device))  # one host sync at its end  # fmt: skip
         _sync(device)
         out["epoch_s"] = time.perf_counter() - t
     return out
@@ -210,15 +197,23 @@ def run_bench(cfg: BenchConfig, device: torch.device) -> dict:
     """Both pipelines on random CIFAR-shaped data; returns figures and ratios."""
     import numpy as np
 
-    if cfg.compile == "cuda-graphs" and device.type != "cuda":
-        raise LnsgdError("--compile cuda-graphs needs a CUDA device; use --compile off (or default) on a CPU")
+    check_compile_mode(cfg.compile, device)
+    if cfg.precision not in ("fp32", "tf32", "bf16"):
+        raise LnsgdError(f"precision {cfg.precision!r}: expected fp32, tf32 or bf16")
+    # Both pipelines run under the numeric settings `lnsgd train` uses for this precision.
+    tf32 = cfg.precision == "tf32"
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = tf32
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, size=(cfg.train_size, cfg.image, cfg.image, 3), dtype=np.uint8)
     labels = rng.integers(0, 10, size=cfg.train_size)
     test_images = rng.integers(0, 256, size=(cfg.test_size, cfg.image, cfg.image, 3), dtype=np.uint8)
     test_labels = rng.integers(0, 10, size=cfg.test_size)
-    ref = reference_pipeline(cfg, images, labels, test_images, test_labels, device)
-    own = lnsgd_pipeline(cfg, images, labels, test_images, test_labels, device)
+    try:
+        ref = reference_pipeline(cfg, images, labels, test_images, test_labels, device)
+        own = lnsgd_pipeline(cfg, images, labels, test_images, test_labels, device)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
     result = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu", "config": cfg.__dict__,
               "reference": ref, "lnsgd": own, "throughput_ratio": own["img_per_s"] / ref["img_per_s"]}  # fmt: skip
     if cfg.epoch:

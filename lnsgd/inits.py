@@ -74,7 +74,7 @@ def replicated_set(data: Data, recipe: Recipe) -> TrainSet:
         r, i = split(idx)
         return replica_labels(seed, r, i, C)
 
-    def fetch(idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def fetch_raw(idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         r, i = split(idx)
         x = x_all[i]
         mask = replica_masks(seed, r, i, locations, adv.zero_fraction)
@@ -83,9 +83,10 @@ def replicated_set(data: Data, recipe: Recipe) -> TrainSet:
         elif len(shape) == 2:
             mask = mask.view(len(idx), 1, shape[1])
         x = x.masked_fill(mask, 0)
-        return data.normalize(x), model_targets(data, labels(idx), recipe.loss)
+        return x, model_targets(data, labels(idx), recipe.loss)
 
-    return TrainSet(n=n * adv.replicas, fetch=fetch, labels=labels, name="replicated")
+    return TrainSet(n=n * adv.replicas, fetch_raw=fetch_raw, normalize=data.normalize, labels=labels, name="replicated",
+                    tensors=(x_all, data.mean, data.std))  # fmt: skip
 
 
 def _fits(stop_loss: float, classification: bool):

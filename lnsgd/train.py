@@ -22,8 +22,7 @@ import subprocess
 import threading
 import time
 from collections.abc import Callable
-from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -33,10 +32,11 @@ from lnsgd import __version__
 from lnsgd.checkpoint import load_state_strict, read_checkpoint, save_atomic
 from lnsgd.data import Data, load
 from lnsgd.errors import DivergedError, LnsgdError, RunInterrupted
-from lnsgd.losses import clean_loss, expected_loss
+from lnsgd.losses import clean_loss, expected_loss, expected_loss_minimum, training_loss
 from lnsgd.models import DataSpec, build_model
-from lnsgd.noise import apply_noise
+from lnsgd.optim import build_optimizer
 from lnsgd.recipe import RESUME_TOLERATED, Recipe, lambda_eff, lr_at, recipe_differences, recipe_to_dict, recipe_to_yaml, steps_per_epoch
+from lnsgd.step import TrainSet, TrainStep, autocast_for, check_compile_mode, global_norm, make_augment
 from lnsgd.track import MetricsSink, Progress, read_jsonl, truncate_jsonl
 
 # --------------------------------------------------------------------------- set-up helpers
@@ -62,23 +62,7 @@ def configure_backend(recipe: Recipe, device: torch.device) -> None:
 
 def autocast_context(recipe: Recipe, device: torch.device):
     """bf16 autocast with fp32 master weights, or nothing."""
-    if recipe.precision == "bf16":
-        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-    return nullcontext()
-
-
-def compile_model(model: nn.Module, mode: str, device: torch.device) -> nn.Module:
-    """The module the training step calls: eager, ``torch.compile``, or compile with CUDA graphs.
-
-    The original module keeps the parameters (checkpoints save its state_dict); the
-    compiled wrapper shares them. CUDA graphs ("reduce-overhead") need static shapes:
-    the loop drops the last partial batch, so every step has the same shape.
-    """
-    if mode == "off":
-        return model
-    if mode == "cuda-graphs" and device.type != "cuda":
-        raise LnsgdError("compile=cuda-graphs needs a CUDA device; use compile=off (or compile=default) on a CPU")
-    return torch.compile(model, mode="reduce-overhead" if mode == "cuda-graphs" else "default")
+    return autocast_for(recipe.precision, device)
 
 
 def stream_seed(seed: int, stream: str) -> int:
@@ -87,12 +71,16 @@ def stream_seed(seed: int, stream: str) -> int:
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 
-def make_model(recipe: Recipe, spec: DataSpec, device: torch.device) -> nn.Module:
-    """The recipe's model, initialized from the recipe's seed, or loaded from init.checkpoint."""
+def make_model(recipe: Recipe, spec: DataSpec, device: torch.device, *, load_init: bool = True) -> nn.Module:
+    """The recipe's model, initialized from the recipe's seed, or loaded from init.checkpoint.
+
+    ``load_init=False`` (a resumed run) skips init.checkpoint: the weights come from the
+    run's own checkpoint, and the init file may since have moved or been deleted.
+    """
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(stream_seed(recipe.seed, "init"))
         model = build_model(recipe.model, spec)
-    if recipe.init.checkpoint is not None:
+    if recipe.init.checkpoint is not None and load_init:
         ckpt = read_checkpoint(recipe.init.checkpoint)
         load_state_strict(model, ckpt["model"], f"init.checkpoint {recipe.init.checkpoint}")
     return model.to(device)
@@ -105,27 +93,15 @@ def model_targets(data: Data, labels: torch.Tensor, loss: str) -> torch.Tensor:
     return labels
 
 
-@dataclass
-class TrainSet:
-    """The examples SGD steps over: ``n`` of them, fetched by index tensor on the device.
-
-    ``fetch(idx)`` returns (normalized inputs, loss-ready clean targets). The adversarial
-    initialization swaps in a replicated, relabelled set through this same interface.
-    """
-
-    n: int
-    fetch: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
-    labels: Callable[[torch.Tensor], torch.Tensor]  # idx -> integer labels (for accuracy) or targets
-    name: str = "train"
-
-
 def plain_train_set(data: Data, loss: str, split: str = "train") -> TrainSet:
     x, y = (data.train_x, data.train_y) if split == "train" else (data.test_x, data.test_y)
     return TrainSet(
         n=len(x),
-        fetch=lambda idx: (data.normalize(x[idx]), model_targets(data, y[idx], loss)),
+        fetch_raw=lambda idx: (x[idx], model_targets(data, y[idx], loss)),
+        normalize=data.normalize,
         labels=lambda idx: y[idx],
         name=split,
+        tensors=(x, y, data.mean, data.std),
     )
 
 
@@ -165,7 +141,7 @@ def weight_norm(model: nn.Module) -> torch.Tensor:
 
 def grad_norm(model: nn.Module) -> torch.Tensor:
     grads = [p.grad for p in model.parameters() if p.grad is not None]
-    return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads))) if grads else torch.zeros(())
+    return global_norm(grads) if grads else torch.zeros(())
 
 
 # --------------------------------------------------------------------------- run folder
@@ -253,14 +229,20 @@ class Phase:
     train_set: TrainSet | None = None  # default: the dataset's training set
     stop_rule: Callable[[dict], bool] | None = None  # row -> stop early
     optimizer: str = "sgd"  # or "adam" (the adversarial init's memorize phase)
-    extra_row: dict = field(default_factory=dict)
 
 
-def build_optimizer(kind: str, model: nn.Module, recipe: Recipe) -> torch.optim.Optimizer:
-    o = recipe.optim
-    if kind == "adam":
-        return torch.optim.Adam(model.parameters(), lr=o.lr, weight_decay=o.weight_decay)
-    return torch.optim.SGD(model.parameters(), lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay)
+@dataclass
+class Position:
+    """Where a run is: what a checkpoint must hold, besides tensors, to continue exactly."""
+
+    phase: int = 0
+    epoch: int = 0  # epochs done in the phase
+    batch: int = 0  # batches done in the current epoch
+    step: int = 0  # optimizer steps done in the whole run
+    time_s: float = 0.0
+    wandb_id: str | None = None
+    phase_done: bool = False
+    stopped_early: bool = False
 
 
 def train(
@@ -280,205 +262,265 @@ def train(
     ``lnsgd train`` uses a single phase with the recipe as given.
     """
     run_dir = run_dir_for(recipe, run_dir)
-    progress = progress or Progress()
     device = resolve_device(recipe.device)
+    check_compile_mode(recipe.compile, device)
     configure_backend(recipe, device)
-    autocast = autocast_context(recipe, device)
     data = load(recipe, device)
     phases = phases(data) if callable(phases) else (phases or [Phase("train", recipe)])
     for ph in phases:
         _check_batch_size(ph.recipe, ph.train_set.n if ph.train_set else len(data.train_x))
-
     # Everything that can fail on bad input (init.checkpoint, compile mode) comes before the run folder exists.
-    model = make_model(recipe, data.spec, device)
-    forward = compile_model(model, recipe.compile, device)  # the training step's view of the model
+    model = make_model(recipe, data.spec, device, load_init=not resume)
     prepare_run_dir(run_dir, resume=resume, force=force)
 
-    # Where we are: the phase, epochs done in it, batches done in the current epoch, the global step.
-    state = {"phase": 0, "epoch": 0, "batch": 0, "step": 0, "time_s": 0.0, "wandb_id": None, "phase_done": False,
-             "stopped_early": False}  # fmt: skip
-    perm_gen = torch.Generator(device=device)
-    noise_gen = torch.Generator(device=device)
-    perm_gen.manual_seed(stream_seed(recipe.seed, "perm"))
-    noise_gen.manual_seed(stream_seed(recipe.seed, "noise"))
-    ckpt_path = run_dir / "checkpoints" / "last.pt"
-    resumed = None
+    run = Run(recipe, run_dir, data, model, phases, device, progress or Progress(), sharpness_hook)
     if resume:
-        resumed = read_checkpoint(ckpt_path, map_location=device)
+        run.load_checkpoint()
+    (run_dir / "recipe.yaml").write_text(recipe_to_yaml(recipe))
+    run.open_sink()
+    try:
+        with run.stop:
+            for phase_index in range(run.pos.phase, len(phases)):
+                run.train_phase(phase_index)
+    except torch.OutOfMemoryError:
+        raise LnsgdError(run.out_of_memory_message()) from None
+    finally:
+        run.progress.stop()
+        run.sink.close()
+    return run.finish(command)
+
+
+class Run:
+    """The state of one training run and the steps that advance it; ``train`` drives it."""
+
+    def __init__(self, recipe, run_dir, data, model, phases, device, progress, sharpness_hook):
+        self.recipe, self.run_dir, self.data, self.model, self.phases = recipe, run_dir, data, model, phases
+        self.device, self.progress, self.sharpness_hook = device, progress, sharpness_hook
+        self.pos = Position()
+        self.ckpt_path = run_dir / "checkpoints" / "last.pt"
+        # One generator per random stream; each epoch starts from a state the checkpoint stores.
+        self.gens = {name: torch.Generator(device=device).manual_seed(stream_seed(recipe.seed, name))
+                     for name in ("perm", "noise", "augment")}  # fmt: skip
+        self.epoch_states = {k: g.get_state() for k, g in self.gens.items()}
+        self.resumed: dict | None = None  # the checkpoint being continued, until its phase is set up
+        self.stop = StopFlag()
+        self.last_row: dict = {}
+        self.phase_results: dict[str, dict] = {}
+        self.where = "set-up"
+
+    # ----------------------------------------------------------------- resume
+
+    def load_checkpoint(self) -> None:
+        """Continue from checkpoints/last.pt: read on the CPU, then moved onto the run's device."""
+        ckpt = read_checkpoint(self.ckpt_path)  # generator states must stay CPU ByteTensors
         diffs = [f"{key}: {was!r} → {now!r}"
-                 for key, was, now in recipe_differences(recipe_to_dict(recipe), resumed["recipe"], RESUME_TOLERATED)]  # fmt: skip
+                 for key, was, now in recipe_differences(recipe_to_dict(self.recipe), ckpt["recipe"], RESUME_TOLERATED)]  # fmt: skip
         if diffs:
             raise LnsgdError(
                 f"--resume with a recipe that differs from the run's ({'; '.join(diffs[:3])}); "
-                f"resume with the recipe in {run_dir / 'recipe.yaml'} or start a new run"
+                f"resume with the recipe in {self.run_dir / 'recipe.yaml'} or start a new run"
             )
-        load_state_strict(model, resumed["model"], f"checkpoint {ckpt_path}")
-        state.update({k: resumed[k] for k in state})
-        perm_gen.set_state(resumed["perm_state"])
-        noise_gen.set_state(resumed["noise_state"])
+        started_on = ckpt.get("device_type", "cpu")
+        if started_on != self.device.type:
+            raise LnsgdError(
+                f"{self.ckpt_path} was written on {started_on} and this run is on {self.device.type}: generator streams "
+                f"differ between device types, so the continuation could not be exact; resume with device={started_on}, "
+                f"or start a new run from it with init.checkpoint={self.ckpt_path}"
+            )
+        load_state_strict(self.model, ckpt["model"], f"checkpoint {self.ckpt_path}")
+        self.pos = Position(**{k: ckpt[k] for k in Position.__dataclass_fields__})
+        for name, g in self.gens.items():
+            if f"{name}_state" in ckpt:
+                g.set_state(ckpt[f"{name}_state"])
+        self.epoch_states = {k: g.get_state() for k, g in self.gens.items()}
         # Rows logged after the checkpoint belong to work that will be redone.
-        position = (state["phase"], state["epoch"])
-        truncate_jsonl(run_dir / "metrics.jsonl", lambda r: _row_position(r, phases) <= position)
-        p = phases[state["phase"]]
-        if state["phase_done"] and (state["stopped_early"] or state["epoch"] >= p.recipe.train.epochs):
-            state.update(phase=state["phase"] + 1, epoch=0, batch=0, phase_done=False, stopped_early=False)
-            resumed = None  # the next phase starts with a fresh optimizer
+        position = (self.pos.phase, self.pos.epoch)
+        truncate_jsonl(self.run_dir / "metrics.jsonl", lambda r: _row_position(r, self.phases) <= position)
+        p = self.phases[self.pos.phase]
+        if self.pos.phase_done and (self.pos.stopped_early or self.pos.epoch >= p.recipe.train.epochs):
+            self.pos = Position(**{**self.pos.__dict__, "phase": self.pos.phase + 1, "epoch": 0, "batch": 0,
+                                   "phase_done": False, "stopped_early": False})  # fmt: skip
+            return  # the next phase starts with a fresh optimizer
+        self.pos.phase_done = False  # e.g. train.epochs was raised: keep going
+        self.resumed = ckpt
+
+    def open_sink(self) -> None:
+        self.sink = MetricsSink(self.run_dir, self.recipe.log.wandb, self.recipe.name, recipe_to_dict(self.recipe), self.pos.wandb_id)
+        if self.sink.wandb is not None:
+            self.pos.wandb_id = self.sink.wandb.run_id
+        rows = read_jsonl(self.run_dir / "metrics.jsonl")
+        self.last_row = rows[-1] if rows else {}
+        self.started = time.perf_counter() - self.pos.time_s
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.started
+
+    # ----------------------------------------------------------------- one phase
+
+    def train_phase(self, phase_index: int) -> None:
+        phase = self.phases[phase_index]
+        r, data = phase.recipe, self.data
+        train_set = phase.train_set or plain_train_set(data, self.recipe.loss)
+        self.train_set = train_set
+        self.test_set = plain_train_set(data, self.recipe.loss, split="test")
+        self.loss_fn = clean_loss(self.recipe.loss)
+        self.expected_fn = expected_loss(self.recipe.loss, r.noise.kind, r.noise.p, r.noise.sigma, data.num_classes)
+        self.expected_min = expected_loss_minimum(self.recipe.loss, r.noise.kind, r.noise.p, r.noise.sigma, data.num_classes)
+        step_loss = training_loss(self.recipe.loss, r.noise.kind, r.noise.p, data.num_classes)  # smooth: the smoothed CE
+        self.spe = steps_per_epoch(r, train_set.n)
+        optimizer = build_optimizer(phase.optimizer, self.model, r.optim.momentum, r.optim.weight_decay)
+        # Augmentation is of the dataset's own images; the adversarial replicas are never augmented.
+        augment = make_augment(self.recipe.data.augment) if train_set.name == "train" else None
+        self.step = TrainStep(self.model, train_set, step_loss, r.noise, data.num_classes, optimizer,
+                              batch_size=r.optim.batch_size, steps_per_epoch=self.spe, precision=self.recipe.precision,
+                              compile_mode=self.recipe.compile, augment=augment, device=self.device)  # fmt: skip
+        continuing = self.resumed is not None and phase_index == self.pos.phase
+        if continuing:
+            optimizer.load_state_dict(self.resumed["optimizer"])
+            for k, t in self.step.accum.items():
+                t.copy_(self.resumed["accum"][k])
         else:
-            state["phase_done"] = False  # e.g. train.epochs was raised: keep going
-    (run_dir / "recipe.yaml").write_text(recipe_to_yaml(recipe))
+            self.pos.phase, self.pos.epoch, self.pos.batch, self.pos.phase_done, self.pos.stopped_early = phase_index, 0, 0, False, False
+        self.resumed = None
 
-    sink = MetricsSink(run_dir, recipe.log.wandb, recipe.name, recipe_to_dict(recipe), state["wandb_id"])
-    if sink.wandb is not None:
-        state["wandb_id"] = sink.wandb.run_id
-    rows = read_jsonl(run_dir / "metrics.jsonl")
-    last_row: dict = rows[-1] if rows else {}
-    stop = StopFlag()
-    started = time.perf_counter() - state["time_s"]
-    phase_results: dict[str, dict] = {}
+        self.progress.start(r.train.epochs, self.pos.epoch, phase.name if len(self.phases) > 1 else self.recipe.name)
+        if not continuing:
+            self.log_row(phase, 0, None)
+            self.progress.advance(0, _progress_info(self.last_row))
+            if phase.stop_rule is not None and phase.stop_rule(self.last_row):
+                self.pos.phase_done = self.pos.stopped_early = True
+                self.checkpoint()
+        while not self.pos.phase_done and self.pos.epoch < r.train.epochs:
+            self.train_epoch(phase)
+        self.progress.stop()
+        self.phase_results[phase.name] = {"stopped_early": self.pos.stopped_early, "epochs": self.pos.epoch,
+                                          "steps": self.pos.step, "final": self.last_row}  # fmt: skip
 
-    def elapsed() -> float:
-        return time.perf_counter() - started
+    def train_epoch(self, phase: Phase) -> None:
+        r, pos, step = phase.recipe, self.pos, self.step
+        epoch = pos.epoch
+        started = time.perf_counter()
+        # Redrawing from these states reproduces this epoch's order, noise and augmentation.
+        self.epoch_states = {k: g.get_state() for k, g in self.gens.items()}
+        self.model.train()
+        self.where = "a training step"
+        if r.optim.full_batch:
+            self._stop_if_asked(epoch)
+            step.full_batch_step(lr_at(r, pos.step, self.spe), r.optim.chunk_size, self.gens["noise"])
+            pos.step += 1
+            examples = self.train_set.n
+        else:
+            perm = torch.randperm(self.train_set.n, generator=self.gens["perm"], device=self.device)
+            first_step = pos.step - pos.batch
+            lrs = [lr_at(r, first_step + i, self.spe) for i in range(self.spe)]
+            step.start_epoch(perm, self.gens["noise"], self.gens["augment"], lrs, first_batch=pos.batch)
+            examples = 0
+            for b in range(pos.batch, self.spe):
+                pos.batch = b
+                self._stop_if_asked(epoch)  # finish nothing half-done: checkpoint between steps
+                step.step()
+                pos.step += 1
+                examples += r.optim.batch_size
 
-    def checkpoint(optimizer, accum, perm_state) -> None:
-        state["time_s"] = elapsed()
+        # One host sync per epoch: did any step produce a non-finite loss?
+        accum = step.accum
+        if bool(accum["bad"].item()):
+            first_bad = pos.step - int(accum["steps"].item()) + int(accum["ok_before_bad"].item())
+            good = read_checkpoint(self.ckpt_path).get("epoch") if self.ckpt_path.exists() else None
+            where = f"{self.ckpt_path} (epoch {good})" if good is not None else "none (no checkpoint was written yet)"
+            raise DivergedError(
+                f"training loss became non-finite at step {first_bad} (epoch {epoch + 1}); "
+                f"last good checkpoint: {where}; lower optim.lr or check the data"
+            )
+        epoch_time = time.perf_counter() - started
+        pos.epoch, pos.batch = epoch + 1, 0
+        self.epoch_states = {k: g.get_state() for k, g in self.gens.items()}
+        finished = pos.epoch == r.train.epochs
+        if pos.epoch % r.train.eval_every == 0 or finished:
+            self.log_row(phase, pos.epoch, examples / epoch_time if epoch_time > 0 else None)
+            step.reset_accumulators()
+            if phase.stop_rule is not None and phase.stop_rule(self.last_row):
+                pos.phase_done = pos.stopped_early = True
+        pos.phase_done = pos.phase_done or finished
+        self.progress.advance(pos.epoch, _progress_info(self.last_row))
+        if pos.epoch % r.train.checkpoint_every == 0 or pos.phase_done or self.stop:
+            self.checkpoint()
+        if self.stop:
+            raise RunInterrupted(_interrupt_message(self.stop.signal, self.run_dir, pos.epoch, pos.step))
+
+    def _stop_if_asked(self, epoch: int) -> None:
+        if self.stop:
+            self.checkpoint()
+            raise RunInterrupted(_interrupt_message(self.stop.signal, self.run_dir, epoch, self.pos.step))
+
+    # ----------------------------------------------------------------- metrics and checkpoints
+
+    def log_row(self, phase: Phase, epoch: int, imgs_per_s: float | None) -> None:
+        r, data, accum = phase.recipe, self.data, self.step.accum
+        bs = self.recipe.train.eval_batch_size
+        autocast = autocast_context(self.recipe, self.device)
+        self.where = "evaluation"
+        train_m = evaluate(self.model, self.train_set, self.loss_fn, self.expected_fn, bs, data.is_classification, autocast)
+        test_m = evaluate(self.model, self.test_set, self.loss_fn, self.expected_fn, bs, data.is_classification, autocast)
+        sums = torch.stack([accum["noisy_loss"], accum["grad_norm"], accum["steps"].double()]).tolist()
+        n_steps = sums[2]
+        row = {
+            "epoch": epoch, "step": self.pos.step, "time_s": round(self.elapsed(), 3),
+            "lr": lr_at(r, max(self.pos.step - 1, 0), self.spe), "lambda_eff": lambda_eff(r, self.train_set.n),
+            "train/loss": train_m["loss"], "train/acc": train_m.get("acc"),
+            "train/expected_loss": train_m["expected_loss"],
+            # The distance to the manifold of expected-loss minimizers (the authors log the same).
+            "train/expected_loss_gap": train_m["expected_loss"] - self.expected_min,
+            "test/loss": test_m["loss"], "test/acc": test_m.get("acc"),
+            "train/noisy_loss": sums[0] / n_steps if n_steps else None,
+            "grad/norm": sums[1] / n_steps if n_steps else None,
+            "weight/norm": weight_norm(self.model).item(),
+            "throughput/img_per_s": imgs_per_s,
+        }  # fmt: skip
+        if r.noise.kind == "flip":
+            row["noise/p"] = r.noise.p
+        if len(self.phases) > 1:
+            row["phase"] = phase.name
+        if self.sharpness_hook is not None:
+            self.where = "a sharpness measurement"
+            row.update(self.sharpness_hook(self.model, data, phase.name, epoch) or {})
+        self.sink.log(row)
+        self.last_row = row
+
+    def checkpoint(self) -> None:
+        self.pos.time_s = self.elapsed()
         save_atomic(
-            {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "recipe": recipe_to_dict(recipe),
-             "data_spec": data.spec.to_dict(), **state, "perm_state": perm_state.cpu(),
-             "noise_state": noise_gen.get_state().cpu(), "accum": {k: v.cpu() for k, v in accum.items()}},
-            ckpt_path,
+            {"model": self.model.state_dict(), "optimizer": self.step.optimizer.state_dict(),
+             "recipe": recipe_to_dict(self.recipe), "data_spec": self.data.spec.to_dict(), **self.pos.__dict__,
+             **{f"{k}_state": v for k, v in self.epoch_states.items()}, "device_type": self.device.type,
+             "accum": {k: v.cpu() for k, v in self.step.accum.items()}},
+            self.ckpt_path,
         )  # fmt: skip
 
-    try:
-        with stop:
-            for phase_index in range(state["phase"], len(phases)):
-                phase = phases[phase_index]
-                precipe = phase.recipe
-                train_set = phase.train_set or plain_train_set(data, recipe.loss)
-                test_set = plain_train_set(data, recipe.loss, split="test")
-                loss_fn = clean_loss(recipe.loss)
-                exp_fn = expected_loss(recipe.loss, precipe.noise.kind, precipe.noise.p, precipe.noise.sigma, data.num_classes)
-                optimizer = build_optimizer(phase.optimizer, model, precipe)
-                spe = steps_per_epoch(precipe, train_set.n)
-                continuing = resumed is not None and phase_index == state["phase"]
-                if continuing:
-                    optimizer.load_state_dict(resumed["optimizer"])
-                    accum = {k: v.to(device) for k, v in resumed["accum"].items()}
-                else:
-                    accum = _new_accumulators(device)
-                    state.update(phase=phase_index, epoch=0, batch=0, phase_done=False, stopped_early=False)
+    def out_of_memory_message(self) -> str:
+        r = self.phases[min(self.pos.phase, len(self.phases) - 1)].recipe
+        last = f"{self.ckpt_path} (epoch {read_checkpoint(self.ckpt_path).get('epoch')})" if self.ckpt_path.exists() else "none yet"
+        fix = {
+            "a training step": f"lower optim.batch_size (now {r.optim.batch_size})"
+            + (f" or optim.chunk_size (now {r.optim.chunk_size})" if r.optim.full_batch else "")
+            + ", or use precision=bf16",
+            "evaluation": f"lower train.eval_batch_size (now {r.train.eval_batch_size})",
+            "a sharpness measurement": "lower track.sharpness.examples or track.sharpness.hvps",
+        }.get(self.where, "lower optim.batch_size or train.eval_batch_size")
+        return f"out of memory on {self.device} during {self.where} (epoch {self.pos.epoch + 1}): {fix}; last good checkpoint: {last}"
 
-                def make_row(epoch: int, imgs_per_s: float | None) -> dict:
-                    bs = recipe.train.eval_batch_size
-                    train_m = evaluate(model, train_set, loss_fn, exp_fn, bs, data.is_classification, autocast)
-                    test_m = evaluate(model, test_set, loss_fn, exp_fn, bs, data.is_classification, autocast)
-                    sums = torch.stack([accum["noisy_loss"], accum["grad_norm"], accum["steps"].double()]).tolist()
-                    n_steps = sums[2]
-                    row = {
-                        "epoch": epoch, "step": state["step"], "time_s": round(elapsed(), 3),
-                        "lr": lr_at(precipe, max(state["step"] - 1, 0), spe), "lambda_eff": lambda_eff(precipe),
-                        "train/loss": train_m["loss"], "train/acc": train_m.get("acc"),
-                        "train/expected_loss": train_m["expected_loss"],
-                        "test/loss": test_m["loss"], "test/acc": test_m.get("acc"),
-                        "train/noisy_loss": sums[0] / n_steps if n_steps else None,
-                        "grad/norm": sums[1] / n_steps if n_steps else None,
-                        "weight/norm": weight_norm(model).item(),
-                        "throughput/img_per_s": imgs_per_s,
-                    }  # fmt: skip
-                    if precipe.noise.kind == "flip":
-                        row["noise/p"] = precipe.noise.p
-                    if len(phases) > 1:
-                        row["phase"] = phase.name
-                    row.update(phase.extra_row)
-                    if sharpness_hook is not None:
-                        row.update(sharpness_hook(model, data, phase.name, epoch) or {})
-                    return row
-
-                progress.start(precipe.train.epochs, state["epoch"], phase.name if len(phases) > 1 else recipe.name)
-                if not continuing:
-                    last_row = make_row(0, None)
-                    sink.log(last_row)
-                    progress.advance(0, _progress_info(last_row))
-                    if phase.stop_rule is not None and phase.stop_rule(last_row):
-                        state.update(phase_done=True, stopped_early=True)
-                        checkpoint(optimizer, accum, perm_gen.get_state())
-
-                while not state["phase_done"] and state["epoch"] < precipe.train.epochs:
-                    epoch = state["epoch"]
-                    epoch_start_time = time.perf_counter()
-                    perm_state = perm_gen.get_state()  # redrawing from here reproduces this epoch's order
-                    examples = 0
-                    model.train()
-                    if precipe.optim.full_batch:
-                        if stop:
-                            checkpoint(optimizer, accum, perm_state)
-                            raise RunInterrupted(_interrupt_message(stop.signal, run_dir, epoch, state["step"]))
-                        _set_lr(optimizer, lr_at(precipe, state["step"], spe))
-                        _full_batch_step(model, optimizer, train_set, precipe, loss_fn, data.num_classes, noise_gen, accum, autocast)
-                        state["step"] += 1
-                        examples += train_set.n
-                    else:
-                        perm = torch.randperm(train_set.n, generator=perm_gen, device=device)
-                        B = precipe.optim.batch_size
-                        for b in range(state["batch"], spe):
-                            if stop:  # finish nothing half-done: checkpoint between steps
-                                state["batch"] = b
-                                checkpoint(optimizer, accum, perm_state)
-                                raise RunInterrupted(_interrupt_message(stop.signal, run_dir, epoch, state["step"]))
-                            idx = perm[b * B : (b + 1) * B]
-                            x, y = train_set.fetch(idx)
-                            y = apply_noise(precipe.noise, y, data.num_classes, noise_gen)
-                            _set_lr(optimizer, lr_at(precipe, state["step"], spe))
-                            optimizer.zero_grad(set_to_none=True)
-                            with autocast:
-                                loss = loss_fn(forward(x), y)
-                            loss.backward()
-                            _accumulate(accum, loss.detach(), grad_norm(model))
-                            optimizer.step()
-                            state["step"] += 1
-                            examples += len(idx)
-
-                    # One host sync per epoch: did any step produce a non-finite loss?
-                    if bool(accum["bad"].item()):
-                        first_bad = state["step"] - int(accum["steps"].item()) + int(accum["ok_before_bad"].item())
-                        good = read_checkpoint(ckpt_path).get("epoch") if ckpt_path.exists() else None
-                        where = f"{ckpt_path} (epoch {good})" if good is not None else "none (no checkpoint was written yet)"
-                        raise DivergedError(
-                            f"training loss became non-finite at step {first_bad} (epoch {epoch + 1}); "
-                            f"last good checkpoint: {where}; lower optim.lr or check the data"
-                        )
-                    epoch_time = time.perf_counter() - epoch_start_time
-                    state.update(epoch=epoch + 1, batch=0)
-                    finished = state["epoch"] == precipe.train.epochs
-                    if state["epoch"] % precipe.train.eval_every == 0 or finished:
-                        last_row = make_row(state["epoch"], examples / epoch_time if epoch_time > 0 else None)
-                        sink.log(last_row)
-                        accum = _new_accumulators(device)
-                        if phase.stop_rule is not None and phase.stop_rule(last_row):
-                            state.update(phase_done=True, stopped_early=True)
-                    state["phase_done"] = state["phase_done"] or finished
-                    progress.advance(state["epoch"], _progress_info(last_row))
-                    if state["epoch"] % precipe.train.checkpoint_every == 0 or state["phase_done"] or stop:
-                        checkpoint(optimizer, accum, perm_gen.get_state())
-                    if stop:
-                        raise RunInterrupted(_interrupt_message(stop.signal, run_dir, state["epoch"], state["step"]))
-                progress.stop()
-                phase_results[phase.name] = {"stopped_early": state["stopped_early"], "epochs": state["epoch"],
-                                             "steps": state["step"], "final": last_row}  # fmt: skip
-                resumed = None
-    finally:
-        progress.stop()
-        sink.close()
-
-    save_atomic({"model": model.state_dict(), "recipe": recipe_to_dict(recipe), "data_spec": data.spec.to_dict(),
-                 "epoch": state["epoch"], "step": state["step"], "phase": state["phase"]}, run_dir / "final.pt")  # fmt: skip
-    summary = {
-        "name": recipe.name, "command": command, "run_dir": str(run_dir), "final": last_row,
-        "epochs": state["epoch"], "steps": state["step"], "wall_time_s": round(elapsed(), 3),
-        "phases": {k: {kk: vv for kk, vv in v.items() if kk != "final"} for k, v in phase_results.items()},
-        "environment": environment_info(device),
-    }  # fmt: skip
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
-    return summary
+    def finish(self, command: str) -> dict:
+        pos = self.pos
+        save_atomic({"model": self.model.state_dict(), "recipe": recipe_to_dict(self.recipe), "data_spec": self.data.spec.to_dict(),
+                     "epoch": pos.epoch, "step": pos.step, "phase": pos.phase}, self.run_dir / "final.pt")  # fmt: skip
+        summary = {
+            "name": self.recipe.name, "command": command, "run_dir": str(self.run_dir), "final": self.last_row,
+            "epochs": pos.epoch, "steps": pos.step, "wall_time_s": round(self.elapsed(), 3),
+            "phases": {k: {kk: vv for kk, vv in v.items() if kk != "final"} for k, v in self.phase_results.items()},
+            "environment": environment_info(self.device),
+        }  # fmt: skip
+        (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+        return summary
 
 
 # --------------------------------------------------------------------------- loop pieces
@@ -490,45 +532,6 @@ def _check_batch_size(recipe: Recipe, n: int) -> None:
             f"optim.batch_size={recipe.optim.batch_size} is larger than the training set ({n} examples); "
             "lower it or set optim.full_batch=true"
         )
-
-
-def _new_accumulators(device: torch.device) -> dict:
-    z = lambda dtype: torch.zeros((), device=device, dtype=dtype)  # noqa: E731
-    return {"noisy_loss": z(torch.float64), "grad_norm": z(torch.float64), "steps": z(torch.int64),
-            "bad": z(torch.bool), "ok_before_bad": z(torch.int64)}  # fmt: skip
-
-
-def _accumulate(accum: dict, loss: torch.Tensor, gnorm: torch.Tensor) -> None:
-    """Device-side running sums; no host sync inside a step."""
-    finite = torch.isfinite(loss)
-    accum["bad"] |= ~finite
-    accum["ok_before_bad"] += (~accum["bad"]).long()
-    accum["noisy_loss"] += loss.double()
-    accum["grad_norm"] += gnorm.double()
-    accum["steps"] += 1
-
-
-def _set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
-    for g in optimizer.param_groups:
-        g["lr"] = lr
-
-
-def _full_batch_step(model, optimizer, train_set, recipe, loss_fn, num_classes, noise_gen, accum, autocast) -> None:
-    """One exact gradient step on the mean loss over the whole set, accumulated in chunks."""
-    optimizer.zero_grad(set_to_none=True)
-    device = next(model.parameters()).device
-    total = torch.zeros((), device=device, dtype=torch.float64)
-    chunk = recipe.optim.chunk_size
-    for start in range(0, train_set.n, chunk):
-        idx = torch.arange(start, min(start + chunk, train_set.n), device=device)
-        x, y = train_set.fetch(idx)
-        y = apply_noise(recipe.noise, y, num_classes, noise_gen)
-        with autocast:
-            loss = loss_fn(model(x), y) * (len(idx) / train_set.n)
-        loss.backward()
-        total += loss.detach().double()
-    _accumulate(accum, total, grad_norm(model))
-    optimizer.step()
 
 
 def _row_position(row: dict, phases: list[Phase]) -> tuple[int, int]:

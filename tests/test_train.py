@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -80,13 +81,13 @@ def test_resume_mid_epoch_is_identical(write_recipe, tmp_path):
     base = plain_train_set(data, recipe.loss)
     calls = {"n": 0}
 
-    def fetch(idx):  # send SIGINT while fetching batch 3 of 6 in epoch 2; the loop stops before batch 4
+    def fetch_raw(idx):  # send SIGINT while fetching batch 3 of 6 in epoch 2; the loop stops before batch 4
         calls["n"] += len(idx) == 32  # count training batches, not evaluation passes
         if calls["n"] == 6 + 3:
             os.kill(os.getpid(), signal.SIGINT)
-        return base.fetch(idx)
+        return base.fetch_raw(idx)
 
-    killing = Phase("train", recipe, train_set=type(base)(base.n, fetch, base.labels))
+    killing = Phase("train", recipe, train_set=dataclasses.replace(base, fetch_raw=fetch_raw))
     with pytest.raises(RunInterrupted):
         train(recipe, tmp_path / "b", phases=[killing])
     ckpt = torch.load(tmp_path / "b/checkpoints/last.pt", weights_only=True)
