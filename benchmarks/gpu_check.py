@@ -117,7 +117,8 @@ def check_sharpness(device, tiny: bool) -> dict:
 
     n, width, image, hvps = (64, 4, 8, 12) if tiny else (5000, None, 32, 60)
     torch.manual_seed(0)
-    model = build_model(ModelConfig(name="resnet18", width=width, group_size=2 if tiny else None), DataSpec((3, image, image), 10)).to(device)
+    config = ModelConfig(name="resnet18", width=width, group_size=2 if tiny else None)
+    model = build_model(config, DataSpec((3, image, image), 10)).to(device)
     x = torch.randn(n, 3, image, image, device=device)
     y = torch.randint(0, 10, (n,), device=device)
     loss = smoothed_cross_entropy(0.2, 10)
@@ -153,8 +154,8 @@ def check_sweep(device, tiny: bool, root: Path) -> dict:
 
     recipe.write_text(yaml.safe_dump(_recipe(device, tiny, log={"dir": str(root / "runs")}, train={"epochs": 2})))
     t = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "lnsgd.cli", "sweep", str(recipe), "--grid", "seed=0,1", "--jobs", "2", "--name", "shared"],
-                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    command = [sys.executable, "-m", "lnsgd.cli", "sweep", str(recipe), "--grid", "seed=0,1", "--jobs", "2", "--name", "shared"]
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=300)
     done = [p for p in (root / "runs" / "shared").glob("*/summary.json")]
     return {"exit_code": proc.returncode, "runs_finished": len(done), "seconds": time.perf_counter() - t,
             "stderr_tail": proc.stderr.strip().splitlines()[-1:] if proc.returncode else []}  # fmt: skip

@@ -296,10 +296,10 @@ def bench(
     steps: Annotated[Optional[int], typer.Option("--steps", min=1, help="timed steps per pipeline; default: 50 (GPU), 5 (CPU)")] = None,
     precision: Annotated[Optional[str], typer.Option("--precision", help="fp32, tf32 or bf16; default: bf16 (GPU), fp32 (CPU)")] = None,
     compile_mode: Annotated[
-        Optional[str], typer.Option("--compile", help="lnsgd's compile mode: off, default or cuda-graphs; default: cuda-graphs (GPU), off (CPU)")
+        Optional[str], typer.Option("--compile", help="off, default or cuda-graphs; default: cuda-graphs (GPU), off (CPU)")
     ] = None,
     epoch: Annotated[bool, typer.Option("--epoch/--no-epoch", help="also time one full epoch + test evaluation")] = True,
-    workers: Annotated[Optional[int], typer.Option("--workers", min=0, help="DataLoader workers of the reference; default: 4 (GPU), 0 (CPU)")] = None,
+    workers: Annotated[Optional[int], typer.Option("--workers", min=0, help="reference DataLoader workers; 4 (GPU), 0 (CPU)")] = None,
     json_out: Annotated[Optional[Path], typer.Option("--json", help="also write the results as JSON")] = None,
 ) -> None:
     """lnsgd's training step vs the reference pipeline (torchvision + PIL + DataLoader), same process and model.

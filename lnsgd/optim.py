@@ -113,12 +113,16 @@ def build_optimizer(kind: str, model: nn.Module, momentum: float, weight_decay: 
 def _check_kind(state: dict, kind: str) -> None:
     if not isinstance(state, dict) or state.get("kind") != kind:
         found = state.get("kind") if isinstance(state, dict) else type(state).__name__
-        raise LnsgdError(f"checkpoint's optimizer state is {found!r}, this phase uses {kind!r}; resume with the recipe the run was started with")
+        raise LnsgdError(
+            f"checkpoint's optimizer state is {found!r}, this phase uses {kind!r}; resume with the recipe the run was started with"
+        )
 
 
 def _copy_into(own: dict[str, Tensor], saved: dict[str, Tensor], what: str) -> None:
     """Load saved state into the existing tensors (their addresses must not change: CUDA graphs hold them)."""
     if set(own) != set(saved):
-        raise LnsgdError(f"checkpoint's optimizer {what} does not match the model's parameters; resume with the recipe the run was started with")
+        raise LnsgdError(
+            f"checkpoint's optimizer {what} does not match the model's parameters; resume with the recipe the run was started with"
+        )
     for k, t in own.items():
         t.copy_(saved[k])
