@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import time
 from collections.abc import Callable, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -55,7 +56,7 @@ def _lanczos_length(hvps: int, top_k: int, dim: int) -> int:
     return min(dim, hvps, max(30, 3 * top_k))
 
 
-def measure_sharpness(
+def _measure_sharpness(
     model: nn.Module,
     loss_fn: Callable[[Tensor, Tensor], Tensor],
     inputs: Tensor,
@@ -181,6 +182,75 @@ def measure_sharpness(
     result["examples"] = int(inputs.shape[0])
     result["seconds"] = time.perf_counter() - started
     return result
+
+
+def measure_sharpness(model: nn.Module, loss_fn, inputs: Tensor, targets: Tensor, **kwargs) -> dict:
+    """Curvature of the mean of ``loss_fn`` over ``(inputs, targets)`` at the model's θ (see ``_measure_sharpness``).
+
+    Every product runs with TF32 off (a checkpoint measures the same in ``measure-sharpness``
+    and during fp32 or tf32 training); the vectors the estimators keep are checked against the
+    device's free memory first, and an out-of-memory is one ``LnsgdError`` naming what to lower.
+    """
+    params = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    check_memory(params, inputs.device, hvps=kwargs.get("hvps", 100), measures=kwargs.get("measures", MEASURES))
+    try:
+        with full_precision():
+            return _measure_sharpness(model, loss_fn, inputs, targets, **kwargs)
+    except torch.OutOfMemoryError:
+        raise LnsgdError(
+            f"out of memory on {inputs.device} measuring sharpness over {inputs.shape[0]} examples "
+            f"({params:,} parameters, chunk_size {kwargs.get('chunk_size', 1024)}): lower the examples "
+            "(--examples / track.sharpness.examples), the HVP budget (--hvps / track.sharpness.hvps) or chunk_size"
+        ) from None
+
+
+@contextmanager
+def full_precision():
+    """TF32 off for matmuls and convolutions while measuring; the process's settings come back after."""
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+def vector_bytes(params: int, hvps: int, measures: Sequence[str], bytes_per_value: int = 4) -> int:
+    """Memory of the parameter-sized vectors a measurement keeps at once (a lower bound of its need).
+
+    Lanczos with full reorthogonalization keeps its whole basis (≤ hvps vectors); XTrace keeps
+    its sketch and its products (2 × hvps/2); tr G keeps a few gradients. Activations of one
+    chunk's double backward come on top (they scale with ``chunk_size``, not with ``hvps``).
+    """
+    measures = tuple(measures)
+    kept = 8  # working vectors: the gradient, a product, the probe, Ritz vectors
+    if "lambda_max" in measures or "R" in measures:
+        kept += hvps
+    if "trace" in measures:
+        kept += hvps
+    return kept * params * bytes_per_value
+
+
+def free_memory(device: torch.device) -> int | None:
+    """Bytes free on ``device`` (CUDA: the driver's figure; CPU: MemAvailable), or None if unknown."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def check_memory(params: int, device: torch.device, *, hvps: int, measures: Sequence[str]) -> None:
+    need, free = vector_bytes(params, hvps, measures), free_memory(device)
+    if free is not None and need > free:
+        raise LnsgdError(
+            f"this measurement keeps {hvps}+ vectors of {params:,} parameters, {need / 2**30:.1f} GiB, and {device} has "
+            f"{free / 2**30:.1f} GiB free: lower the HVP budget (--hvps / track.sharpness.hvps) or measure fewer quantities"
+        )
 
 
 def _check_measures(measures: Sequence[str]) -> tuple[str, ...]:

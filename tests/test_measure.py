@@ -12,7 +12,7 @@ import torch
 from lnsgd import curvature
 from lnsgd.checkpoint import load_checkpoint
 from lnsgd.data import load
-from lnsgd.errors import RunInterrupted
+from lnsgd.errors import LnsgdError, RunInterrupted
 from lnsgd.measure import evaluation_subset, measured_loss
 from lnsgd.recipe import load_recipe
 from lnsgd.track import Progress, read_jsonl
@@ -155,3 +155,58 @@ def test_train_cli_uses_track_sharpness(cli, write_recipe, tmp_path):
     assert cli("train", write_recipe(extra), "--quiet").exit_code == 0
     rows = read_jsonl(tmp_path / "runs/tracked/metrics.jsonl")
     assert all(r["sharp/trace_hessian"] is not None and r["sharp/loss"] == "expected" for r in rows)
+
+
+def test_products_run_with_tf32_off_and_the_setting_comes_back():
+    """A checkpoint measures the same wherever it is measured: TF32 is off inside every product."""
+    import torch
+    from torch import nn
+
+    from lnsgd.losses import cross_entropy_loss
+    from lnsgd.sharpness import measure_sharpness
+
+    seen = []
+
+    class Recording(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(4, 3)
+
+        def forward(self, x):
+            seen.append((torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32))
+            return self.lin(x)
+
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        torch.manual_seed(0)
+        measure_sharpness(Recording(), cross_entropy_loss, torch.randn(8, 4), torch.randint(0, 3, (8,)), measures=("trace",),
+                          hvps=6, trace_method="hutchinson", generator=torch.Generator().manual_seed(0))  # fmt: skip
+        assert seen and all(s == (False, False) for s in seen), seen
+        assert (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32) == (True, True)
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
+def test_measurement_that_cannot_fit_and_out_of_memory_are_one_line(monkeypatch):
+    import torch
+
+    from lnsgd import sharpness
+    from lnsgd.losses import cross_entropy_loss
+
+    # 11,173,962 parameters (ResNet18) × (8 + 2·60) vectors × 4 bytes = 5.3 GiB, by hand:
+    assert sharpness.vector_bytes(11_173_962, 60, ("trace", "lambda_max")) == 128 * 11_173_962 * 4
+    monkeypatch.setattr(sharpness, "free_memory", lambda device: 1000)  # bytes: less than (8 + 10) × 15 × 4
+    model = torch.nn.Linear(4, 3)
+    with pytest.raises(LnsgdError, match="--hvps"):
+        sharpness.measure_sharpness(model, cross_entropy_loss, torch.randn(8, 4), torch.randint(0, 3, (8,)), hvps=10,
+                                    measures=("lambda_max",), generator=torch.Generator())  # fmt: skip
+    monkeypatch.setattr(sharpness, "free_memory", lambda device: None)
+
+    def oom(out, y):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
+    oom.kind = "cross_entropy"
+    with pytest.raises(LnsgdError, match="out of memory.*--examples.*--hvps.*chunk_size"):
+        sharpness.measure_sharpness(model, oom, torch.randn(8, 4), torch.randint(0, 3, (8,)), measures=("trace",), hvps=6,
+                                    trace_method="hutchinson", generator=torch.Generator())  # fmt: skip

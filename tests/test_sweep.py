@@ -292,7 +292,9 @@ def test_a_run_folder_is_not_taken_for_a_sweep(tmp_path):
 # --------------------------------------------------------------------------- interruption and exact continuation
 
 
-LONG = {"train": {"epochs": 60, "checkpoint_every": 1000}}  # last.pt only when stopped (or at the end)
+# Long enough that the watcher's signal lands mid-run (60 epochs of this model take 1 s with the current step).
+LONG_EPOCHS = 400
+LONG = {"train": {"epochs": LONG_EPOCHS, "checkpoint_every": 1000}}  # last.pt only when stopped (or at the end)
 
 
 @pytest.fixture(scope="module")
@@ -340,7 +342,7 @@ def test_interrupted_sweep_continues_exactly_and_a_failed_run_does_not_stop_the_
     assert points["batch_size=500,seed=0"]["status"] == "failed"
     assert "larger than the training set" in points["batch_size=500,seed=0"]["error"]
     ckpt = torch.load(long_run / "checkpoints/last.pt", weights_only=True)
-    assert 0 < ckpt["epoch"] < 60, "the child should have checkpointed mid-run on the forwarded SIGTERM"
+    assert 0 < ckpt["epoch"] < LONG_EPOCHS, "the child should have checkpointed mid-run on the forwarded SIGTERM"
     assert "SIGTERM" in (long_run / "train.log").read_text()
 
     res = invoke(*args)  # the same command continues: resumes one, retries the failed one
@@ -378,7 +380,7 @@ def test_submitit_job_checkpoints_on_preemption_and_the_requeued_job_resumes_exa
     finally:
         signal.signal(signal.SIGUSR2, old)
     ckpt = torch.load(tmp_path / "run/checkpoints/last.pt", weights_only=True)
-    assert 0 < ckpt["epoch"] < 60  # written on the signal: checkpoint_every would not have written it yet
+    assert 0 < ckpt["epoch"] < LONG_EPOCHS  # written on the signal: checkpoint_every would not have written it yet
     (delayed,) = requeued
     assert isinstance(delayed, submitit.helpers.DelayedSubmission) and delayed.function is job
     delayed.result()  # the requeued job
