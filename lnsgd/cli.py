@@ -208,6 +208,9 @@ def measure_sharpness(
         typer.Option("--trace-method", help="auto (exact tr G + a pilot picks ∇²L − G or ∇²L), split, xtrace, hutchpp or hutchinson"),
     ] = "auto",
     top_k: Annotated[int, typer.Option("--top-k", help="number of top eigenvalues")] = 1,
+    rtol: Annotated[
+        Optional[float], typer.Option("--rtol", help="stop the trace's HVPs once its standard error is below rtol·|tr∇²L| (--hvps caps it)")
+    ] = None,
     seed: Annotated[int, typer.Option("--seed", help="seed of the random probes")] = 0,
     loss: Annotated[str, typer.Option("--loss", help="expected (over the recipe's label noise) or clean")] = "expected",
     measures: Annotated[
@@ -225,6 +228,8 @@ def measure_sharpness(
         raise fail(f"--loss {loss!r}: expected 'expected' or 'clean'")
     if device not in ("auto", "cpu", "cuda"):
         raise fail(f"--device {device!r}: expected auto, cpu or cuda")
+    if rtol is not None and not 0 < rtol < 1:
+        raise fail(f"--rtol {rtol}: expected a fraction between 0 and 1, e.g. --rtol 0.02 for 2%")
     from lnsgd.sharpness import TRACE_METHODS
 
     if trace_method not in TRACE_METHODS:
@@ -242,7 +247,7 @@ def measure_sharpness(
             checkpoint, eta=eta, momentum=momentum, examples=examples, hvps=hvps, top_k=top_k, seed=seed, which=loss,
             measures=tuple(measures) if measures else ("trace", "lambda_max", "trace_gn", "R"), device=device, density=density,
             progress=(lambda done, total: bar.update(task, completed=done, total=total)) if bar else None,
-            trace_method=trace_method,
+            trace_method=trace_method, rtol=rtol,
         )  # fmt: skip
     finally:
         if bar is not None:

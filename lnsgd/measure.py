@@ -37,7 +37,7 @@ def evaluation_subset(data: Data, recipe: Recipe, examples: int) -> tuple[torch.
 def sharpness_of_model(model: nn.Module, recipe: Recipe, data: Data, *, measures=("trace",), examples: int = 1000,
                        hvps: int = 40, which: str = "expected", generator_seed: int = 0, eta: float | None = None,
                        momentum: float | None = None, top_k: int = 1, skip_undefined_R: bool = True, progress=None,
-                       trace_method: str = "auto") -> dict:  # fmt: skip
+                       trace_method: str = "auto", rtol: float | None = None) -> dict:  # fmt: skip
     """Curvature metrics (``sharp/*``) of ``model`` on the recipe's expected (or clean) loss."""
     from lnsgd.sharpness import measure_sharpness
 
@@ -47,7 +47,7 @@ def sharpness_of_model(model: nn.Module, recipe: Recipe, data: Data, *, measures
     return measure_sharpness(
         model, measured_loss(recipe, data.num_classes, which), inputs, targets, measures=measures, hvps=hvps, top_k=top_k,
         eta=recipe.optim.lr if eta is None else eta, momentum=recipe.optim.momentum if momentum is None else momentum,
-        generator=generator, skip_undefined_R=skip_undefined_R, progress=progress, trace_method=trace_method,
+        generator=generator, skip_undefined_R=skip_undefined_R, progress=progress, trace_method=trace_method, rtol=rtol,
     )  # fmt: skip
 
 
@@ -71,6 +71,7 @@ def training_hook(recipe: Recipe, loss_recipe: Recipe | None = None):
         result = sharpness_of_model(
             model, loss_recipe, data, measures=cfg.measures, examples=min(cfg.examples, len(data.train_x)), hvps=cfg.hvps,
             which=cfg.loss, generator_seed=stream_seed(recipe.seed, f"sharpness:{phase}:{epoch}"), trace_method=cfg.trace_method,
+            rtol=cfg.rtol,
         )  # fmt: skip
         row = {k: result[k] for k in keys if k in result}
         row["sharp/loss"] = cfg.loss
@@ -82,7 +83,7 @@ def training_hook(recipe: Recipe, loss_recipe: Recipe | None = None):
 def measure_checkpoint(path, *, eta: float | None = None, momentum: float | None = None, examples: int | None = None,
                        hvps: int = 100, top_k: int = 1, seed: int = 0, which: str = "expected",
                        measures=("trace", "lambda_max", "trace_gn", "R"), device: str = "auto", density=None,
-                       progress=None, trace_method: str = "auto") -> dict:  # fmt: skip
+                       progress=None, trace_method: str = "auto", rtol: float | None = None) -> dict:  # fmt: skip
     """Everything ``lnsgd measure-sharpness`` reports for one checkpoint, as a JSON-ready dict.
 
     η and β default to the checkpoint's recipe; ``examples`` to the first 5000 training
@@ -110,7 +111,7 @@ def measure_checkpoint(path, *, eta: float | None = None, momentum: float | None
     started = time.perf_counter()
     result = sharpness_of_model(model, recipe, data, measures=measures, examples=examples, hvps=hvps, which=which,
                                 generator_seed=seed, eta=eta, momentum=momentum, top_k=top_k, skip_undefined_R=False,
-                                progress=progress, trace_method=trace_method)  # fmt: skip
+                                progress=progress, trace_method=trace_method, rtol=rtol)  # fmt: skip
     out = {
         "checkpoint": str(path),
         "loss": f"{which} ({measured_loss(recipe, data.num_classes, which)!r})",

@@ -173,6 +173,9 @@ class SharpnessTrack(Section):
     loss: Literal["expected", "clean"] = Field(
         "expected", description="Hessian of the expected (over the noise) or clean loss"
     )
+    rtol: float | None = Field(
+        None, gt=0, lt=1, description="stop spending trace HVPs once the standard error is below rtol·|tr∇²L| (hvps caps it); null: all"
+    )
     trace_method: Literal["auto", "split", "xtrace", "hutchpp", "hutchinson"] = Field(
         "auto",
         description="tr∇²L estimator: auto (exact tr G, then probes of ∇²L − G or ∇²L, whichever a pilot finds less noisy), "

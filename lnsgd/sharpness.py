@@ -9,6 +9,7 @@ a fixed evaluation set and runs the estimators of ``lnsgd.curvature`` on it.
 from __future__ import annotations
 
 import copy
+import math
 import time
 from collections.abc import Callable, Sequence
 from contextlib import contextmanager
@@ -72,6 +73,7 @@ def _measure_sharpness(
     progress: Callable[[int, int], None] | None = None,
     skip_undefined_R: bool = False,
     trace_method: str = "auto",
+    rtol: float | None = None,
 ) -> dict:
     """Curvature of the mean of ``loss_fn`` over ``(inputs, targets)`` at the model's θ.
 
@@ -90,6 +92,14 @@ def _measure_sharpness(
         eigenvalues, so they cost nothing extra; otherwise they get their own run
         of min(hvps, max(30, 3·top_k)) products. Exact tr G costs about C
         gradients over the examples (C outputs) and counts as one progress unit.
+    rtol: adaptive budget of the trace (``None``: spend ``hvps``). Rounds of fresh
+        probes (the first max(8, hvps/4) products, then twice the last, within ``hvps``)
+        are pooled with weights proportional to their budgets, and the trace stops once
+        its standard error is below ``rtol``·|estimate|. Weights fixed by budgets keep
+        each round's estimate unbiased; the data-dependent stop adds a bias well below
+        the standard error. A round of XTrace at a small budget is less accurate than
+        one at the full budget, so a measurement that never stops early is somewhat
+        noisier than with ``rtol=None``.
     skip_undefined_R: if η ≥ 2(1+β)/λ_max, record ``sharp/R`` as None instead
         of raising the ``LnsgdError`` (for tracking during training).
     progress: called as progress(done, total) after every HVP or tr G sample
@@ -118,6 +128,8 @@ def _measure_sharpness(
         curvature._check_eta_momentum(eta, momentum)
     if not isinstance(generator, torch.Generator):
         raise LnsgdError(f"generator must be a torch.Generator; got {type(generator).__name__}")
+    if rtol is not None and not (isinstance(rtol, (int, float)) and 0 < rtol < 1):
+        raise LnsgdError(f"rtol must be a number between 0 and 1 (e.g. 0.02 for 2%); got {rtol!r}")
 
     model = _measurable(curvature.uncompiled(model))
     started = time.perf_counter()
@@ -150,7 +162,7 @@ def _measure_sharpness(
                         raise
                     result["sharp/R"], result["sharp/R_stderr"] = None, None
         if "trace" in measures and not split:
-            tr = curvature.estimate_trace(matvec, dim, hvps, generator, method=trace_method)
+            tr = adaptive_trace(lambda m: curvature.estimate_trace(matvec, dim, m, generator, method=trace_method), hvps, rtol)
             result["sharp/trace_hessian"] = tr.value
             result["sharp/trace_hessian_stderr"] = tr.stderr
         hvp_count = matvec.count
@@ -166,9 +178,9 @@ def _measure_sharpness(
             residual_op, _ = curvature.residual_matvec(model, loss_fn, inputs, targets, chunk_size)
             residual = _CountingMatvec(residual_op, progress, total, ticks=matvec)
             if trace_method == "auto":
-                tr = curvature.choose_trace(matvec, residual, dim, gn.value, hvps, generator)
+                tr = adaptive_trace(lambda m: curvature.choose_trace(matvec, residual, dim, gn.value, m, generator), hvps, rtol)
             else:
-                tr = curvature.split_trace(residual, dim, gn.value, hvps, generator)
+                tr = adaptive_trace(lambda m: curvature.split_trace(residual, dim, gn.value, m, generator), hvps, rtol)
             residual_op.release()
             op.release()
             hvp_count = matvec.count + residual.count
@@ -251,6 +263,33 @@ def check_memory(params: int, device: torch.device, *, hvps: int, measures: Sequ
             f"this measurement keeps {hvps}+ vectors of {params:,} parameters, {need / 2**30:.1f} GiB, and {device} has "
             f"{free / 2**30:.1f} GiB free: lower the HVP budget (--hvps / track.sharpness.hvps) or measure fewer quantities"
         )
+
+
+def adaptive_trace(estimate: Callable[[int], tuple], hvps: int, rtol: float | None):
+    """``estimate(budget)`` in rounds until its pooled standard error is below ``rtol``·|value| or ``hvps`` is spent.
+
+    Rounds are independent (fresh probes); they are pooled with weights proportional to their
+    budgets (variance ∝ 1/budget), fixed in advance, so the pooled value stays unbiased per round.
+    Fields other than value/stderr/num_matvecs (``residual`` of a split) are pooled the same way.
+    """
+    if rtol is None:
+        return estimate(hvps)
+    rounds, spent, budget = [], 0, min(hvps, max(8, hvps // 4))
+    while True:
+        est = estimate(budget)
+        rounds.append((budget, est))
+        spent += budget
+        total = sum(b for b, _ in rounds)
+        value = sum(b * e.value for b, e in rounds) / total
+        stderr = math.sqrt(sum((b * e.stderr) ** 2 for b, e in rounds)) / total
+        left = hvps - spent
+        if stderr <= rtol * abs(value) or left < 4:
+            break
+        budget = min(2 * budget, left)
+    pooled = {"value": value, "stderr": stderr, "num_matvecs": sum(e.num_matvecs for _, e in rounds)}
+    if hasattr(est, "residual"):
+        pooled["residual"] = sum(b * e.residual for b, e in rounds) / total
+    return est._replace(**pooled)
 
 
 def _check_measures(measures: Sequence[str]) -> tuple[str, ...]:

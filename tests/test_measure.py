@@ -210,3 +210,35 @@ def test_measurement_that_cannot_fit_and_out_of_memory_are_one_line(monkeypatch)
     with pytest.raises(LnsgdError, match="out of memory.*--examples.*--hvps.*chunk_size"):
         sharpness.measure_sharpness(model, oom, torch.randn(8, 4), torch.randint(0, 3, (8,)), measures=("trace",), hvps=6,
                                     trace_method="hutchinson", generator=torch.Generator())  # fmt: skip
+
+
+@pytest.mark.parametrize("method", ["hutchinson", "xtrace"])
+def test_rtol_stops_early_within_its_error_and_none_spends_the_budget(method):
+    """On a dense matrix with a known trace: rtol spends fewer products, and the answer is within a few standard errors."""
+    from lnsgd.sharpness import adaptive_trace
+
+    g = torch.Generator().manual_seed(0)
+    q, _ = torch.linalg.qr(torch.randn(300, 300, generator=g, dtype=torch.float64))
+    eig = 1.0 + torch.rand(300, generator=g, dtype=torch.float64)  # a flat spectrum: probes converge slowly, steadily
+    A = q @ torch.diag(eig) @ q.T
+    truth = float(eig.sum())
+    spent = []
+
+    def estimate(m):
+        spent.append(m)
+        return curvature.estimate_trace(A, 300, m, g, method=method)
+
+    est = adaptive_trace(estimate, 400, rtol=0.02)
+    assert sum(spent) < 400 and len(spent) >= 1
+    assert est.stderr <= 0.02 * abs(est.value)
+    assert abs(est.value - truth) < 4 * est.stderr + 1e-9
+    spent.clear()
+    full = adaptive_trace(estimate, 400, rtol=None)
+    assert spent == [400] and full.num_matvecs == 400
+
+
+def test_rtol_bad_values_are_one_line(cli, write_recipe):
+    from .conftest import one_line_error
+
+    assert "rtol" in one_line_error(cli("validate", write_recipe({"track": {"sharpness": {"rtol": 1.5}}})))
+    assert "--rtol" in one_line_error(cli("measure-sharpness", "nothing.pt", "--rtol", "0"))
