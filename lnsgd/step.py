@@ -113,7 +113,9 @@ class TrainStep:
         self.noise_draw: dict[str, Tensor] | None = None
         self.augment_draw: dict[str, Tensor] | None = None
         self.accum = new_accumulators(device)
+        self.target_shape = self._target_shape()  # per example: () for labels, (k,) for regression targets
         self.compile_mode = compile_mode
+        self._static_marked = False
         self._run = self._step
         if compile_mode != "off":
             self._run = torch.compile(self._step, fullgraph=True, mode="reduce-overhead" if compile_mode == "cuda-graphs" else None)
@@ -126,12 +128,11 @@ class TrainStep:
         self.perm.copy_(perm)
         self.lrs.copy_(torch.tensor(lrs, dtype=torch.float32))
         self.batch.fill_(first_batch)
-        target_shape = self._target_shape()
-        draw = draw_noise(self.noise, (self.spe, self.B, *target_shape), self.num_classes, noise_gen, self.device)
+        draw = draw_noise(self.noise, (self.spe, self.B, *self.target_shape), self.num_classes, noise_gen, self.device)
         self.noise_draw = _refill(self.noise_draw, draw)
         if self.augment is not None:
             self.augment_draw = _refill(self.augment_draw, self.augment.draw(self.spe, self.B, augment_gen, self.device))
-        if self.compile_mode == "cuda-graphs" and not getattr(self, "_static_marked", False):
+        if self.compile_mode == "cuda-graphs" and not self._static_marked:
             self._mark_static()
 
     def reset_accumulators(self) -> None:
@@ -180,12 +181,11 @@ class TrainStep:
         n = self.train_set.n
         total = torch.zeros((), device=self.device, dtype=torch.float64)
         grads = {k: torch.zeros_like(p) for k, p in self.params.items()}
-        detached = {k: p.detach() for k, p in self.params.items()}
         for start in range(0, n, chunk_size):
             idx = torch.arange(start, min(start + chunk_size, n), device=self.device)
             x, y = self.train_set.fetch(idx)
             y = apply_noise(self.noise, y, self.num_classes, noise_gen)
-            g, loss = grad_and_value(self._loss)(detached, x, y)
+            g, loss = self._gradient(x, y)
             w = len(idx) / n
             for k in grads:
                 grads[k].add_(g[k], alpha=w)

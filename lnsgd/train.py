@@ -36,7 +36,7 @@ from lnsgd.losses import clean_loss, expected_loss, expected_loss_minimum, train
 from lnsgd.models import DataSpec, build_model
 from lnsgd.optim import build_optimizer
 from lnsgd.recipe import RESUME_TOLERATED, Recipe, lambda_eff, lr_at, recipe_differences, recipe_to_dict, recipe_to_yaml, steps_per_epoch
-from lnsgd.step import TrainSet, TrainStep, autocast_for, check_compile_mode, global_norm, make_augment
+from lnsgd.step import TrainSet, TrainStep, autocast_for, check_compile_mode, make_augment
 from lnsgd.track import MetricsSink, Progress, read_jsonl, truncate_jsonl
 
 # --------------------------------------------------------------------------- set-up helpers
@@ -58,11 +58,6 @@ def configure_backend(recipe: Recipe, device: torch.device) -> None:
     tf32 = recipe.precision == "tf32"
     torch.backends.cuda.matmul.allow_tf32 = tf32
     torch.backends.cudnn.allow_tf32 = tf32
-
-
-def autocast_context(recipe: Recipe, device: torch.device):
-    """bf16 autocast with fp32 master weights, or nothing."""
-    return autocast_for(recipe.precision, device)
 
 
 def stream_seed(seed: int, stream: str) -> int:
@@ -137,11 +132,6 @@ def evaluate(model: nn.Module, dataset: TrainSet, loss_fn, expected_fn, batch_si
 
 def weight_norm(model: nn.Module) -> torch.Tensor:
     return torch.linalg.vector_norm(torch.stack([p.detach().norm() for p in model.parameters()]))
-
-
-def grad_norm(model: nn.Module) -> torch.Tensor:
-    grads = [p.grad for p in model.parameters() if p.grad is not None]
-    return global_norm(grads) if grads else torch.zeros(())
 
 
 # --------------------------------------------------------------------------- run folder
@@ -426,11 +416,9 @@ class Run:
         accum = step.accum
         if bool(accum["bad"].item()):
             first_bad = pos.step - int(accum["steps"].item()) + int(accum["ok_before_bad"].item())
-            good = read_checkpoint(self.ckpt_path).get("epoch") if self.ckpt_path.exists() else None
-            where = f"{self.ckpt_path} (epoch {good})" if good is not None else "none (no checkpoint was written yet)"
             raise DivergedError(
                 f"training loss became non-finite at step {first_bad} (epoch {epoch + 1}); "
-                f"last good checkpoint: {where}; lower optim.lr or check the data"
+                f"last good checkpoint: {self.last_good_checkpoint()}; lower optim.lr or check the data"
             )
         epoch_time = time.perf_counter() - started
         pos.epoch, pos.batch = epoch + 1, 0
@@ -458,7 +446,7 @@ class Run:
     def log_row(self, phase: Phase, epoch: int, imgs_per_s: float | None) -> None:
         r, data, accum = phase.recipe, self.data, self.step.accum
         bs = self.recipe.train.eval_batch_size
-        autocast = autocast_context(self.recipe, self.device)
+        autocast = autocast_for(self.recipe.precision, self.device)
         self.where = "evaluation"
         train_m = evaluate(self.model, self.train_set, self.loss_fn, self.expected_fn, bs, data.is_classification, autocast)
         test_m = evaluate(self.model, self.test_set, self.loss_fn, self.expected_fn, bs, data.is_classification, autocast)
@@ -499,7 +487,6 @@ class Run:
 
     def out_of_memory_message(self) -> str:
         r = self.phases[min(self.pos.phase, len(self.phases) - 1)].recipe
-        last = f"{self.ckpt_path} (epoch {read_checkpoint(self.ckpt_path).get('epoch')})" if self.ckpt_path.exists() else "none yet"
         fix = {
             "a training step": f"lower optim.batch_size (now {r.optim.batch_size})"
             + (f" or optim.chunk_size (now {r.optim.chunk_size})" if r.optim.full_batch else "")
@@ -507,7 +494,14 @@ class Run:
             "evaluation": f"lower train.eval_batch_size (now {r.train.eval_batch_size})",
             "a sharpness measurement": "lower track.sharpness.examples or track.sharpness.hvps",
         }.get(self.where, "lower optim.batch_size or train.eval_batch_size")
-        return f"out of memory on {self.device} during {self.where} (epoch {self.pos.epoch + 1}): {fix}; last good checkpoint: {last}"
+        return (f"out of memory on {self.device} during {self.where} (epoch {self.pos.epoch + 1}): {fix}; "
+                f"last good checkpoint: {self.last_good_checkpoint()}")  # fmt: skip
+
+    def last_good_checkpoint(self) -> str:
+        """What a failed run leaves to resume from, for its error line."""
+        if not self.ckpt_path.exists():
+            return "none (no checkpoint was written yet)"
+        return f"{self.ckpt_path} (epoch {read_checkpoint(self.ckpt_path).get('epoch')})"
 
     def finish(self, command: str) -> dict:
         pos = self.pos
