@@ -22,7 +22,7 @@ from torch import nn
 from lnsgd.errors import LnsgdError
 from lnsgd.models import DataSpec, build_model
 from lnsgd.recipe import ModelConfig
-from lnsgd.step import autocast_for, check_compile_mode
+from lnsgd.step import autocast_for, check_compile_mode, tf32_allowed
 
 CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
 
@@ -200,20 +200,15 @@ def run_bench(cfg: BenchConfig, device: torch.device) -> dict:
     check_compile_mode(cfg.compile, device)
     if cfg.precision not in ("fp32", "tf32", "bf16"):
         raise LnsgdError(f"precision {cfg.precision!r}: expected fp32, tf32 or bf16")
-    # Both pipelines run under the numeric settings `lnsgd train` uses for this precision.
-    tf32 = cfg.precision == "tf32"
-    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = tf32
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, size=(cfg.train_size, cfg.image, cfg.image, 3), dtype=np.uint8)
     labels = rng.integers(0, 10, size=cfg.train_size)
     test_images = rng.integers(0, 256, size=(cfg.test_size, cfg.image, cfg.image, 3), dtype=np.uint8)
     test_labels = rng.integers(0, 10, size=cfg.test_size)
-    try:
+    # Both pipelines run under the numeric settings `lnsgd train` uses for this precision.
+    with tf32_allowed(cfg.precision == "tf32"):
         ref = reference_pipeline(cfg, images, labels, test_images, test_labels, device)
         own = lnsgd_pipeline(cfg, images, labels, test_images, test_labels, device)
-    finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
     result = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu", "config": cfg.__dict__,
               "reference": ref, "lnsgd": own, "throughput_ratio": own["img_per_s"] / ref["img_per_s"]}  # fmt: skip
     if cfg.epoch:

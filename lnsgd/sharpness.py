@@ -12,7 +12,6 @@ import copy
 import math
 import time
 from collections.abc import Callable, Sequence
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -20,6 +19,7 @@ from torch import Tensor, nn
 
 from lnsgd import curvature
 from lnsgd.errors import LnsgdError
+from lnsgd.step import tf32_allowed
 
 MEASURES = ("trace", "lambda_max", "trace_gn", "R")
 TRACE_METHODS = ("auto", "split", "xtrace", "hutchpp", "hutchinson")
@@ -206,7 +206,7 @@ def measure_sharpness(model: nn.Module, loss_fn, inputs: Tensor, targets: Tensor
     params = sum(p.numel() for p in model.parameters() if p.requires_grad)
     check_memory(params, inputs.device, hvps=kwargs.get("hvps", 100), measures=kwargs.get("measures", MEASURES))
     try:
-        with full_precision():
+        with tf32_allowed(False):  # a checkpoint measures the same in fp32 and tf32 training and in measure-sharpness
             return _measure_sharpness(model, loss_fn, inputs, targets, **kwargs)
     except torch.OutOfMemoryError:
         raise LnsgdError(
@@ -214,17 +214,6 @@ def measure_sharpness(model: nn.Module, loss_fn, inputs: Tensor, targets: Tensor
             f"({params:,} parameters, chunk_size {kwargs.get('chunk_size', 1024)}): lower the examples "
             "(--examples / track.sharpness.examples), the HVP budget (--hvps / track.sharpness.hvps) or chunk_size"
         ) from None
-
-
-@contextmanager
-def full_precision():
-    """TF32 off for matmuls and convolutions while measuring; the process's settings come back after."""
-    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-    try:
-        yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
 
 
 def vector_bytes(params: int, hvps: int, measures: Sequence[str], bytes_per_value: int = 4) -> int:

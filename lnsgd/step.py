@@ -19,7 +19,7 @@ synchronizes with the host.
 from __future__ import annotations
 
 from collections.abc import Callable
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 
 import torch
@@ -81,6 +81,17 @@ def autocast_for(precision: str, device: torch.device):
     if precision == "bf16":
         return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
     return nullcontext()
+
+
+@contextmanager
+def tf32_allowed(allowed: bool):
+    """TF32 matmuls and convolutions on or off inside the block; the process's settings come back after."""
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = allowed
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
 
 
 def check_compile_mode(mode: str, device: torch.device) -> None:
