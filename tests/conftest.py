@@ -69,6 +69,25 @@ def one_line_error(result) -> str:
     return lines[-1]
 
 
+def interrupt_at_epoch(epoch: int, phase: str | None = None):
+    """A progress display that sends this process SIGINT once ``epoch`` (of ``phase``, if given) is done: Ctrl-C, on cue."""
+    import signal
+
+    from lnsgd.track import Progress
+
+    class InterruptAtEpoch(Progress):
+        current = None
+
+        def start(self, total, done, description, unit="epochs"):
+            self.current = description
+
+        def advance(self, e, info):
+            if e == epoch and phase in (None, self.current):
+                os.kill(os.getpid(), signal.SIGINT)
+
+    return InterruptAtEpoch()
+
+
 TIMING = ("time_s", "throughput/img_per_s")
 
 

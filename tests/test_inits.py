@@ -13,7 +13,7 @@ from lnsgd.inits import _fits, adversarial_phases, replica_labels, replica_masks
 from lnsgd.recipe import load_recipe
 from lnsgd.track import read_jsonl
 
-from .conftest import one_line_error
+from .conftest import interrupt_at_epoch, one_line_error
 
 
 def test_replica_labels_are_deterministic_and_uniform():
@@ -118,24 +118,13 @@ def test_init_adversarial_end_to_end_and_resume(cli, write_recipe, tmp_path):
     assert summary["init"]["reached"] and summary["init"]["train_acc"] == 1.0
 
     # Interrupted in the fit phase and resumed: the same end as uninterrupted.
-    import os
-    import signal
 
     from lnsgd.errors import RunInterrupted
     from lnsgd.inits import run_init
-    from lnsgd.track import Progress
-
-    class StopInFit(Progress):
-        def start(self, total, done, description, unit="epochs"):
-            self.phase = description
-
-        def advance(self, epoch, info):
-            if self.phase == "fit" and epoch == 2:
-                os.kill(os.getpid(), signal.SIGINT)
 
     recipe = load_recipe(path)
     with pytest.raises(RunInterrupted):
-        run_init("adversarial", recipe, tmp_path / "adv2", progress=StopInFit())
+        run_init("adversarial", recipe, tmp_path / "adv2", progress=interrupt_at_epoch(2, phase="fit"))
     run_init("adversarial", recipe, tmp_path / "adv2", resume=True)
     a = torch.load(tmp_path / "runs/adv/final.pt", weights_only=True)["model"]
     b = torch.load(tmp_path / "adv2/final.pt", weights_only=True)["model"]

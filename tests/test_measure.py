@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import signal
 
 import pytest
 import torch
@@ -15,10 +13,10 @@ from lnsgd.data import load
 from lnsgd.errors import LnsgdError, RunInterrupted
 from lnsgd.measure import evaluation_subset, measured_loss
 from lnsgd.recipe import load_recipe
-from lnsgd.track import Progress, read_jsonl
+from lnsgd.track import read_jsonl
 from lnsgd.train import train
 
-from .conftest import one_line_error
+from .conftest import interrupt_at_epoch, one_line_error
 
 SMALL = {"model": {"width": 8}, "data": {"train_size": 120, "test_size": 50}, "train": {"epochs": 3}}
 
@@ -133,13 +131,8 @@ def test_sharpness_tracked_during_training_and_resume_matches(write_recipe, tmp_
     assert measured == [0, 2, 4]
     assert all(r.get("sharp/R") is not None and r["sharp/lambda_max"] > 0 for r in rows if r["epoch"] in measured)
 
-    class StopAt1(Progress):
-        def advance(self, epoch, info):
-            if epoch == 1:
-                os.kill(os.getpid(), signal.SIGINT)
-
     with pytest.raises(RunInterrupted):
-        train(recipe, tmp_path / "b", sharpness_hook=training_hook(recipe), progress=StopAt1())
+        train(recipe, tmp_path / "b", sharpness_hook=training_hook(recipe), progress=interrupt_at_epoch(1))
     train(recipe, tmp_path / "b", resume=True, sharpness_hook=training_hook(recipe))
     strip = lambda rs: [{k: v for k, v in r.items() if k not in ("time_s", "throughput/img_per_s")} for r in rs]  # noqa: E731
     assert strip(rows) == strip(read_jsonl(tmp_path / "b/metrics.jsonl"))

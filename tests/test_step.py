@@ -14,7 +14,7 @@ from lnsgd.recipe import load_recipe
 from lnsgd.track import read_jsonl
 from lnsgd.train import train
 
-from .conftest import one_line_error, same_weights, strip_timing, weights
+from .conftest import interrupt_at_epoch, one_line_error, same_weights, strip_timing, weights
 
 
 def _net(seed: int = 0) -> nn.Module:
@@ -85,21 +85,11 @@ def test_compiled_step_is_one_graph_and_matches_eager(write_recipe, tmp_path):
 
 def test_compiled_run_resumes_where_an_uninterrupted_one_ends(write_recipe, tmp_path):
     from lnsgd.errors import RunInterrupted
-    from lnsgd.track import Progress
 
     recipe = load_recipe(write_recipe(COMPILED))
     train(recipe, tmp_path / "a")
-
-    class StopAtEpoch4(Progress):
-        def advance(self, epoch, info):
-            if epoch == 4:
-                import os
-                import signal
-
-                os.kill(os.getpid(), signal.SIGINT)
-
     with pytest.raises(RunInterrupted):
-        train(recipe, tmp_path / "b", progress=StopAtEpoch4())
+        train(recipe, tmp_path / "b", progress=interrupt_at_epoch(4))
     assert torch.load(tmp_path / "b/checkpoints/last.pt", weights_only=True)["epoch"] == 4
     train(recipe, tmp_path / "b", resume=True)
     assert same_weights(weights(tmp_path / "a/final.pt"), weights(tmp_path / "b/final.pt"))

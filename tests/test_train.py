@@ -16,10 +16,10 @@ import torch
 import lnsgd
 from lnsgd.errors import RunInterrupted
 from lnsgd.recipe import load_recipe
-from lnsgd.track import Progress, read_jsonl
+from lnsgd.track import read_jsonl
 from lnsgd.train import Phase, plain_train_set, train
 
-from .conftest import one_line_error, same_weights, strip_timing, weights
+from .conftest import interrupt_at_epoch, one_line_error, same_weights, strip_timing, weights
 
 
 def test_train_cli_writes_a_complete_run_folder(cli, write_recipe, tmp_path):
@@ -58,13 +58,8 @@ def test_resume_after_half_the_epochs_is_identical(write_recipe, tmp_path):
     recipe = load_recipe(write_recipe({"optim": {"momentum": 0.9}, "train": {"epochs": 4}}))
     train(recipe, tmp_path / "a")
 
-    class StopAtEpoch2(Progress):
-        def advance(self, epoch, info):
-            if epoch == 2:
-                os.kill(os.getpid(), signal.SIGINT)
-
     with pytest.raises(RunInterrupted, match="--resume"):
-        train(recipe, tmp_path / "b", progress=StopAtEpoch2())
+        train(recipe, tmp_path / "b", progress=interrupt_at_epoch(2))
     assert torch.load(tmp_path / "b/checkpoints/last.pt", weights_only=True)["epoch"] == 2
     train(recipe, tmp_path / "b", resume=True)
     assert same_weights(weights(tmp_path / "a/final.pt"), weights(tmp_path / "b/final.pt"))
