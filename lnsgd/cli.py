@@ -309,8 +309,7 @@ def bench(
 ) -> None:
     """lnsgd's training step vs the reference pipeline (torchvision + PIL + DataLoader), same process and model.
 
-    On a CPU the defaults are a tiny configuration (width 4, 16×16 images, 256 examples) so the
-    code path runs in seconds; flags you pass are honoured and the table says what ran.
+    On a CPU the defaults are a tiny configuration (width 4, 16×16 images, 256 examples) so the code path runs in seconds; flags you pass are honoured and the table says what ran.
     """
     import dataclasses
 
@@ -318,8 +317,10 @@ def bench(
 
     from lnsgd.bench import BenchConfig, run_bench, tiny_cpu_config
 
-    if precision not in (None, "fp32", "tf32", "bf16") or compile_mode not in (None, "off", "default", "cuda-graphs"):
-        raise fail(f"--precision {precision} --compile {compile_mode}: expected fp32|tf32|bf16 and off|default|cuda-graphs")
+    if precision not in (None, "fp32", "tf32", "bf16"):
+        raise fail(f"--precision {precision!r}: expected fp32, tf32 or bf16")
+    if compile_mode not in (None, "off", "default", "cuda-graphs"):
+        raise fail(f"--compile {compile_mode!r}: expected off, default or cuda-graphs")
     if model not in ("resnet18", "cnn", "mlp"):
         raise fail(f"--model {model!r}: expected resnet18, cnn or mlp")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
