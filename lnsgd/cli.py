@@ -309,7 +309,7 @@ def bench(
 ) -> None:
     """lnsgd's training step vs the reference pipeline (torchvision + PIL + DataLoader), same process and model.
 
-    On a CPU the defaults are a tiny configuration (width 4, 16×16 images, 256 examples) so the code path runs in seconds; flags you pass are honoured and the table says what ran.
+    On a CPU the defaults are a tiny configuration (width 4, 16×16 images, 256 examples); flags you pass are honoured.
     """
     import dataclasses
 
