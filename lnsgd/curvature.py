@@ -1048,67 +1048,175 @@ def _output_hessians(kind: str, out: Tensor) -> Tensor:
     return torch.diag_embed(p) - p.unsqueeze(2) * p.unsqueeze(1)
 
 
-def _per_example_linear(model: nn.Module, params: list[nn.Parameter], x: Tensor) -> tuple[list[nn.Linear], int]:
-    """The ``nn.Linear`` modules whose Jacobian Gram can be read off their inputs and
-    output gradients (called once per forward, on (b, d) inputs, every parameter
-    trainable), and k, the number of outputs per example, from one forward of x[:1]."""
+_CONV = (nn.Conv1d, nn.Conv2d)
+_NORM = (nn.GroupNorm, nn.BatchNorm1d, nn.BatchNorm2d)
+
+
+def _ghost_input_ndims(m: nn.Module) -> tuple[int, ...]:
+    """Input ranks at which module m's per-example gradients are read off its input."""
+    if isinstance(m, nn.Linear):
+        return (2,)
+    if isinstance(m, _CONV):
+        if m.groups != 1 or m.padding_mode != "zeros" or (isinstance(m.padding, str) and m.padding != "valid"):
+            return ()
+        return (3,) if isinstance(m, nn.Conv1d) else (4,)
+    if isinstance(m, nn.GroupNorm):
+        return (2, 3, 4, 5) if m.affine else ()
+    if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)):  # eval mode: affine in the running statistics
+        if not m.affine or m.running_mean is None:
+            return ()
+        return (2, 3) if isinstance(m, nn.BatchNorm1d) else (4,)
+    return ()
+
+
+def _ghost_layers(model: nn.Module, params: list[nn.Parameter], x: Tensor) -> tuple[list[nn.Module], int]:
+    """The layers whose per-example gradient norms come from their input and output
+    gradient alone ("ghost" layers: ``nn.Linear``, ``nn.Conv1d/2d`` (groups 1, zero
+    padding), affine ``nn.GroupNorm``, ``nn.BatchNorm1d/2d`` with running statistics),
+    each called once per forward, with all its own parameters trainable and used by
+    no other module; and k, the number of outputs per example, from one forward of x[:1]."""
     trainable = {id(p) for p in params}
+    uses: dict[int, int] = {}
+    for _, p in model.named_parameters(remove_duplicate=False):
+        uses[id(p)] = uses.get(id(p), 0) + 1
     calls: dict[nn.Module, list[int]] = {}
-    hooks = [
-        m.register_forward_hook(lambda mod, inp, out: calls.setdefault(mod, []).append(inp[0].ndim))
-        for m in model.modules()
-        if isinstance(m, nn.Linear)
-        and id(m.weight) in trainable
-        and (m.bias is None or id(m.bias) in trainable)
-    ]
+    candidates = []
+    for m in model.modules():
+        own = list(m.parameters(recurse=False))
+        if own and _ghost_input_ndims(m) and all(id(p) in trainable and uses[id(p)] == 1 for p in own):
+            candidates.append(m)
+    hooks = [m.register_forward_hook(lambda mod, inp, out: calls.setdefault(mod, []).append(inp[0].ndim)) for m in candidates]
     try:
         with torch.no_grad():
             k = model(x[:1]).numel()
     finally:
         for h in hooks:
             h.remove()
-    return [m for m, ndims in calls.items() if ndims == [2]], k
+    return [m for m, ndims in calls.items() if len(ndims) == 1 and ndims[0] in _ghost_input_ndims(m)], k
 
 
-def _jacobian_grams(
-    model: nn.Module, names: list[str], params: list[nn.Parameter], x: Tensor, linear: list[nn.Linear]
-) -> tuple[Tensor, Tensor]:
-    """Kᵢ = JᵢJᵢᵀ, (b, k, k), for the examples in ``x`` (Jᵢ is ∂fᵢ/∂θ, k × dim), and
-    the outputs f(x), detached, from the same forward.
+def _conv_unfold(m: nn.Module, a: Tensor) -> Tensor:
+    """The patches of a conv layer's input, (b, C_in·kernel, positions)."""
+    if isinstance(m, nn.Conv1d):
+        pad = 0 if m.padding == "valid" else m.padding[0]
+        return F.unfold(a.unsqueeze(2), (1, m.kernel_size[0]), (1, m.dilation[0]), (0, pad), (1, m.stride[0]))
+    return F.unfold(a, m.kernel_size, m.dilation, 0 if m.padding == "valid" else m.padding, m.stride)
 
-    K is a sum over parameter tensors. For a ``linear`` module with input aᵢ and
-    output zᵢ, ∂f_c/∂W = (∂f_c/∂zᵢ) aᵢᵀ, so its share is (‖aᵢ‖² + 1)·⟨∂f_c/∂zᵢ, ∂f_c'/∂zᵢ⟩
-    (the 1 for the bias): k batched backward passes, no per-example weight
-    gradients (the "ghost norm" of Goodfellow 2015, as in per-example gradient
-    clipping). The other parameters' share comes from per-example Jacobians
-    (``torch.func.vmap`` of ``jacrev``). Examples must not interact in eval mode.
-    """
-    parts: list[Tensor] = []
-    saved: dict[nn.Module, tuple[Tensor, Tensor]] = {}
-    hooks = [m.register_forward_hook(lambda mod, inp, out: saved.__setitem__(mod, (inp[0], out))) for m in linear]
+
+def _ghost_context(m: nn.Module, a: Tensor, out: Tensor) -> tuple[str, Tensor]:
+    """What layer m's per-example squared gradient norms need of its input a, computed
+    once per block and shared by the k output gradients."""
+    a = a.detach()
+    b = a.shape[0]
+    if isinstance(m, nn.Linear):
+        return "linear", a.pow(2).sum(1)
+    if isinstance(m, _CONV):
+        u = _conv_unfold(m, a)  # per-example weight gradient: G·Uᵀ, G the (C_out, L) output gradient
+        positions, patch = u.shape[2], u.shape[1]
+        # ‖GUᵀ‖² directly costs L·C_out·patch per example; as ⟨GᵀG, UᵀU⟩ (L×L Grams), L²·(C_out + patch).
+        if positions * (m.out_channels + patch) < m.out_channels * patch:
+            return "conv-gram", u.transpose(1, 2) @ u
+        return "conv", u
+    if isinstance(m, nn.GroupNorm):
+        return "norm", F.group_norm(a, m.num_groups, eps=m.eps)
+    shape = (1, -1) + (1,) * (a.ndim - 2)
+    return "norm", (a - m.running_mean.view(shape)) / (m.running_var.view(shape) + m.eps).sqrt()
+
+
+def _ghost_squared_norms(m: nn.Module, context: tuple[str, Tensor], g: Tensor) -> Tensor:
+    """Per-example ‖∂(Σᵢ⟨gᵢ, zᵢ⟩)/∂θ_m‖² over layer m's parameters, (b,), from the
+    gradient g of its output z — without forming per-example gradients where a Gram
+    is cheaper (the "ghost norm" of Goodfellow 2015; for convolutions, Li et al. 2022)."""
+    kind, c = context
+    b = g.shape[0]
+    bias = 0.0
+    if kind == "linear":
+        norms = g.pow(2).sum(1) * c
+        return norms + g.pow(2).sum(1) if m.bias is not None else norms
+    if kind in ("conv", "conv-gram"):
+        gs = g.reshape(b, g.shape[1], -1)
+        if m.bias is not None:
+            bias = gs.sum(2).pow(2).sum(1)
+        if kind == "conv":
+            return (gs @ c.transpose(1, 2)).pow(2).sum((1, 2)) + bias
+        return ((gs.transpose(1, 2) @ gs) * c).sum((1, 2)) + bias
+    gs = g.reshape(b, g.shape[1], -1)
+    return (gs * c.reshape(gs.shape)).sum(2).pow(2).sum(1) + gs.sum(2).pow(2).sum(1)
+
+
+def _ghost_elements(model: nn.Module, layers: list[nn.Module], x: Tensor) -> int:
+    """Numbers held per example by the ghost computation: each layer's output, its
+    copy and gradient, and its context (see _ghost_context), from a forward of x[:1]."""
+    sizes: list[int] = []
+
+    def count(mod, inp, out):
+        kind, c = _ghost_context(mod, inp[0], out)
+        sizes.append(3 * out.numel() + c.numel())
+
+    hooks = [m.register_forward_hook(count) for m in layers]
     try:
-        with torch.set_grad_enabled(bool(linear)):
+        with torch.no_grad():
+            model(x[:1])
+    finally:
+        for h in hooks:
+            h.remove()
+    return sum(sizes)
+
+
+def _ghost_trace(
+    model: nn.Module, kind: str, names: list[str], params: list[nn.Parameter], x: Tensor, layers: list[nn.Module]
+) -> Tensor:
+    """Σᵢ tr(Λᵢ JᵢJᵢᵀ) over the examples in ``x`` (Jᵢ = ∂fᵢ/∂θ, Λᵢ the output Hessian).
+
+    With Λᵢ = Σⱼ sᵢⱼsᵢⱼᵀ (mse: sᵢⱼ = eⱼ; cross-entropy: sᵢⱼ = √pᵢⱼ·(eⱼ − pᵢ)) the
+    sum is Σⱼ Σᵢ ‖Jᵢᵀsᵢⱼ‖². For each j one batched backward pass of Σᵢ⟨fᵢ, sᵢⱼ⟩ to
+    the ghost layers' outputs gives every example's gradient there (examples do not
+    interact in eval mode), and the layers' per-example squared norms follow from
+    their inputs (_ghost_squared_norms): k backward passes for the block, no
+    per-example parameter gradients. The other parameters' share comes from
+    per-example Jacobians (``torch.func.vmap`` of ``jacrev``).
+    """
+    saved: dict[nn.Module, tuple[Tensor, Tensor]] = {}
+
+    def keep(mod, inp, out):
+        # Downstream gets a copy, so an in-place op after the layer (ReLU(inplace=True),
+        # out += identity) cannot change the tensor whose gradient we ask for.
+        saved[mod] = (inp[0], out)
+        return out.clone()
+
+    hooks = [m.register_forward_hook(keep) for m in layers]
+    try:
+        with torch.set_grad_enabled(bool(layers)):
             out = model(x)
     finally:
         for h in hooks:
             h.remove()
-    if linear:
-        flat = out.reshape(out.shape[0], -1)
-        outputs = [saved[m][1] for m in linear]
-        per_class = [
-            torch.autograd.grad(flat[:, c].sum(), outputs, retain_graph=c < flat.shape[1] - 1, allow_unused=True)
-            for c in range(flat.shape[1])
-        ]
-        for j, m in enumerate(linear):
-            a = saved[m][0].detach()
-            g = torch.stack([pc[j] if pc[j] is not None else torch.zeros_like(outputs[j]) for pc in per_class], 1)
-            scale = a.pow(2).sum(1) + (0.0 if m.bias is None else 1.0)
-            parts.append(scale.view(-1, 1, 1) * (g @ g.transpose(1, 2)))
-    in_linear = {id(p) for m in linear for p in m.parameters()}
-    rest = [(name, p) for name, p in zip(names, params, strict=True) if id(p) not in in_linear]
+    flat = out.reshape(out.shape[0], -1)
+    total = torch.zeros((), dtype=torch.float64, device=out.device)
+    if layers:
+        outputs = [saved[m][1] for m in layers]
+        contexts = [_ghost_context(m, *saved[m]) for m in layers]
+        saved.clear()
+        probs = flat.detach().softmax(1)
+        k = flat.shape[1]
+        for j in range(k):
+            if kind == "mse":
+                s = torch.zeros_like(probs)
+                s[:, j] = 1.0
+            else:
+                s = -probs
+                s[:, j] += 1.0
+                s = s * probs[:, j : j + 1].sqrt()
+            grads = torch.autograd.grad((flat * s).sum(), outputs, retain_graph=j < k - 1, allow_unused=True)
+            for m, context, g in zip(layers, contexts, grads, strict=True):
+                if g is not None:
+                    total += _ghost_squared_norms(m, context, g).sum().double()
+    in_layers = {id(p) for m in layers for p in m.parameters(recurse=False)}
+    rest = [(name, p) for name, p in zip(names, params, strict=True) if id(p) not in in_layers]
     if rest:
-        parts.append(_rest_grams(model, [n for n, _ in rest], [p for _, p in rest], x))
-    return sum(parts[1:], parts[0]).detach(), out.detach()
+        grams = _rest_grams(model, [n for n, _ in rest], [p for _, p in rest], x)
+        total += (_output_hessians(kind, flat.detach()) * grams.detach()).sum().double()  # Σᵢ tr(ΛᵢKᵢ): both symmetric
+    return total
 
 
 def _rest_grams(model: nn.Module, names: list[str], params: list[nn.Parameter], x: Tensor) -> Tensor:
@@ -1154,15 +1262,20 @@ def exact_trace_gauss_newton(
 ) -> TraceEstimate:
     """tr G exactly: (1/n)·Σᵢ tr(Λᵢ JᵢJᵢᵀ), G the Gauss–Newton matrix of the mean loss.
 
-    Jᵢ (k × dim) is the Jacobian of example i's k outputs, from per-example
-    reverse-mode Jacobians (``torch.func.vmap`` of ``jacrev``; one backward per
-    example and output where a model cannot be vmapped), and Λᵢ the Hessian of
+    Jᵢ (k × dim) is the Jacobian of example i's k outputs and Λᵢ the Hessian of
     the loss in the outputs: diag(pᵢ) − pᵢpᵢᵀ for cross-entropy (label-smoothed
-    or not) and I for ``mse_loss`` (½‖f − y‖²), from ``loss_fn.kind``. Cost: the
-    work of about k gradients over the examples; memory: the Jacobians of a
-    block of examples, at most ``max_jacobian_elements`` numbers (and at most
-    ``chunk_size`` examples). No randomness: ``stderr`` is 0. ``on_chunk(done,
-    n)`` is called after each block. Model in eval mode, as for the HVPs.
+    or not) and I for ``mse_loss`` (½‖f − y‖²), from ``loss_fn.kind``. Linear,
+    convolution and normalization layers (see _ghost_layers) take k batched
+    backward passes per block of examples and per-example gradient norms read
+    off their inputs (_ghost_trace): about k gradients' work over the examples
+    (measured by benchmarks/bench_trace_gn.py). Other parameters take
+    per-example reverse-mode Jacobians (``torch.func.vmap`` of ``jacrev``; one
+    backward per example and output where a model cannot be vmapped). Memory:
+    at most ``max_jacobian_elements`` numbers per block (Jacobians, layer
+    outputs and their gradients; activations of the forward itself are not
+    counted), and at most ``chunk_size`` examples. No randomness: ``stderr`` is
+    0. ``on_chunk(done, n)`` is called after each block. Model in eval mode, as
+    for the HVPs.
     """
     kind = _loss_kind(loss_fn)
     model = uncompiled(model)
@@ -1174,14 +1287,15 @@ def exact_trace_gauss_newton(
     dim = sum(p.numel() for p in params)
     total = torch.zeros((), dtype=torch.float64, device=device)
     with evaluation_mode(model), _no_autocast(device):
-        linear, k = _per_example_linear(model, params, _to_model(inputs[:1], dtype, device))
-        vmapped = dim - sum(p.numel() for m in linear for p in m.parameters())
-        block = max(1, min(chunk_size, max_jacobian_elements // (k * max(vmapped, 1))))
+        first = _to_model(inputs[:1], dtype, device)
+        layers, k = _ghost_layers(model, params, first)
+        vmapped = dim - sum(p.numel() for m in layers for p in m.parameters(recurse=False))
+        per_example = (k * vmapped if vmapped else 0) + (_ghost_elements(model, layers, first) if layers else 0)
+        block = max(1, min(chunk_size, max_jacobian_elements // max(per_example, 1)))
         for start in range(0, n, block):
             x = _to_model(inputs[start : min(start + block, n)], dtype, device)
             with torch.enable_grad():  # also under a caller's no_grad
-                grams, out = _jacobian_grams(model, names, params, x, linear)
-            total += (_output_hessians(kind, out) * grams).sum().double()  # Σᵢ tr(ΛᵢKᵢ): both symmetric
+                total += _ghost_trace(model, kind, names, params, x, layers)
             if on_chunk is not None:
                 on_chunk(min(start + block, n), n)
     return TraceEstimate(float(total) / n, 0.0, 0, "gauss_newton_exact")

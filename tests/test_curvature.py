@@ -498,6 +498,97 @@ def test_exact_trace_gauss_newton_equals_the_dense_gauss_newton_trace(arch, loss
     assert cv.exact_trace_gauss_newton(model, loss_fn, x, y, max_jacobian_elements=1).value == pytest.approx(exact, rel=1e-10)
 
 
+def dense_gauss_newton_trace_from_jacobians(model, x, kind: str) -> float:
+    """tr G from dense per-example Jacobians, without forming G (for models too big for d × d)."""
+    params = {n: p.detach() for n, p in model.named_parameters()}
+
+    def output(p, xi):
+        return torch.func.functional_call(model, p, (xi.unsqueeze(0),)).reshape(-1)
+
+    jac = torch.func.vmap(torch.func.jacrev(output), in_dims=(None, 0))(params, x)
+    J = torch.cat([jac[n].reshape(x.shape[0], -1, params[n].numel()) for n in params], dim=2)
+    p = model(x).detach().softmax(1)
+    lam = torch.eye(p.shape[1], dtype=p.dtype).expand(len(x), -1, -1) if kind == "mse" else (
+        torch.diag_embed(p) - p[:, :, None] * p[:, None, :])  # fmt: skip
+    return float(torch.einsum("nkd,nkl,nld->", J, lam, J)) / len(x)
+
+
+class InPlaceResidual(nn.Module):
+    """Strided, dilated and biased convolutions, an in-place ReLU right after a
+    convolution and an in-place residual sum: the cases a hook on a layer's output
+    could get wrong."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(1, 4, 3, stride=2, padding=1)
+        self.act = nn.ReLU(inplace=True)
+        self.conv = nn.Conv2d(4, 4, 3, padding=2, dilation=2)
+        self.norm = nn.GroupNorm(2, 4)
+        self.valid = nn.Conv1d(4, 3, 2, padding="valid", bias=False)
+        self.fc = nn.Linear(3 * 15, 3)
+
+    def forward(self, x):
+        x = self.act(self.stem(x))
+        out = self.conv(x)
+        out += x
+        out = self.act(self.norm(out))
+        return self.fc(torch.tanh(self.valid(out.flatten(2))).flatten(1))
+
+
+def test_exact_trace_gauss_newton_through_in_place_ops_strides_and_dilations():
+    g = gen(21)
+    model = init_(InPlaceResidual().double(), g, scale=1.5)
+    x = torch.randn(12, 1, 8, 8, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 3, (12,), generator=g)
+    exact = dense_gauss_newton_trace(copy.deepcopy(model), x, "cross_entropy")
+    for loss_fn in (cv.cross_entropy_loss, cv.smoothed_cross_entropy(0.2, 3)):
+        assert cv.exact_trace_gauss_newton(model, loss_fn, x, y, chunk_size=5).value == pytest.approx(exact, rel=1e-10)
+
+
+def test_exact_trace_gauss_newton_of_a_grouped_convolution():
+    # groups > 1 is not read off the input: those weights take per-example Jacobians.
+    g = gen(22)
+    model = nn.Sequential(
+        nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Conv2d(4, 4, 3, groups=2), nn.Tanh(), nn.Flatten(), nn.Linear(4 * 16, 3)
+    ).double()
+    init_(model, g, scale=1.5)
+    x = torch.randn(10, 1, 8, 8, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 3, (10,), generator=g)
+    exact = dense_gauss_newton_trace(copy.deepcopy(model), x, "cross_entropy")
+    assert cv.exact_trace_gauss_newton(model, cv.cross_entropy_loss, x, y).value == pytest.approx(exact, rel=1e-10)
+
+
+@pytest.mark.parametrize("norm", ["groupnorm", "batchnorm"])
+def test_exact_trace_gauss_newton_of_a_resnet18(norm):
+    from lnsgd.models import ResNet18
+
+    torch.manual_seed(0)
+    model = ResNet18(3, 4, width=2, norm_kind=norm, group_size=2).double()
+    g = gen(23)
+    x = torch.randn(6, 3, 8, 8, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 4, (6,), generator=g)
+    warm_batchnorm(model, x)
+    exact = dense_gauss_newton_trace_from_jacobians(model, x, "cross_entropy")
+    est = cv.exact_trace_gauss_newton(model, cv.smoothed_cross_entropy(0.2, 4), x, y, chunk_size=4)
+    assert est.value == pytest.approx(exact, rel=1e-10)
+
+
+def test_exact_trace_gauss_newton_of_a_conv_net_takes_no_per_example_jacobians(monkeypatch):
+    # Every layer of a GroupNorm ReLU CNN is read off its inputs: no vmap(jacrev) at all,
+    # which is what lets tr G at 11M parameters cost about C gradients.
+    g = gen(24)
+    model = init_(relu_cnn("groupnorm", 2), g, scale=1.5)
+    x = torch.randn(10, 1, 8, 8, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 3, (10,), generator=g)
+    exact = dense_gauss_newton_trace(copy.deepcopy(model), x, "cross_entropy")
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("per-example Jacobians were taken")
+
+    monkeypatch.setattr(cv, "_rest_grams", refuse)
+    assert cv.exact_trace_gauss_newton(model, cv.cross_entropy_loss, x, y).value == pytest.approx(exact, rel=1e-10)
+
+
 def test_exact_trace_gauss_newton_without_vmap(monkeypatch):
     # A model torch.func cannot batch falls back to one backward per example and output.
     g = gen(12)
