@@ -20,24 +20,53 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
+from torch.optim.sgd import sgd as functional_sgd  # public: torch.optim.sgd.__all__
 
 from lnsgd.errors import LnsgdError
 
 
 class SGD:
-    """Heavy-ball SGD over ``named_params``; the momentum buffers live as long as the optimizer."""
+    """Heavy-ball SGD over ``named_params``; the momentum buffers live as long as the optimizer.
+
+    Run eagerly on a CUDA device (``fused=None``, the default) the update is
+    ``torch.optim.sgd.sgd(..., fused=True)``, PyTorch's public functional SGD: one
+    multi-tensor kernel instead of three per parameter, with the learning rate read
+    on the device (no host sync). Inside a compiled step the plain per-tensor code
+    below is traced instead (inductor fuses it into the step's graph). On the CPU
+    the per-tensor code runs, so CPU results do not depend on a kernel's rounding.
+    """
 
     kind = "sgd"
 
-    def __init__(self, named_params: dict[str, nn.Parameter], momentum: float = 0.0, weight_decay: float = 0.0):
+    def __init__(
+        self, named_params: dict[str, nn.Parameter], momentum: float = 0.0, weight_decay: float = 0.0, fused: bool | None = None
+    ):
         self.params = named_params
         self.momentum = float(momentum)
         self.weight_decay = float(weight_decay)
         # The first step's buffer is the gradient itself; starting from zeros gives β·0 + g = g exactly.
         self.buffers = {k: torch.zeros_like(p) for k, p in named_params.items()} if momentum else {}
+        if fused is None:
+            fused = bool(named_params) and all(p.device.type == "cuda" and p.dtype.is_floating_point for p in named_params.values())
+        self.fused = fused
 
     @torch.no_grad()
     def update(self, grads: dict[str, Tensor], lr: Tensor) -> None:
+        if self.fused and not torch.compiler.is_compiling():
+            names = list(self.params)
+            functional_sgd(
+                [self.params[k] for k in names],
+                [grads[k] for k in names],
+                [self.buffers[k] for k in names] if self.momentum else [None] * len(names),
+                fused=True,
+                lr=lr,
+                weight_decay=self.weight_decay,
+                momentum=self.momentum,
+                dampening=0.0,
+                nesterov=False,
+                maximize=False,
+            )
+            return
         for name, p in self.params.items():
             g = grads[name]
             if self.weight_decay:

@@ -22,7 +22,7 @@ def _net(seed: int = 0) -> nn.Module:
     return nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3)).double()
 
 
-@pytest.mark.parametrize("kind", ["sgd", "sgd-momentum", "adam"])
+@pytest.mark.parametrize("kind", ["sgd", "sgd-momentum", "sgd-fused", "sgd-momentum-fused", "adam"])
 def test_optimizer_updates_match_torch_optim(kind):
     ours, ref = _net(), _net()
     x, y = torch.randn(16, 6, dtype=torch.float64), torch.randint(0, 3, (16,))
@@ -30,8 +30,9 @@ def test_optimizer_updates_match_torch_optim(kind):
     if kind == "adam":
         opt, torch_opt = Adam(params, weight_decay=0.01), torch.optim.Adam(ref.parameters(), lr=0.05, weight_decay=0.01)
     else:
-        beta = 0.9 if kind == "sgd-momentum" else 0.0
-        opt, torch_opt = SGD(params, momentum=beta, weight_decay=0.01), torch.optim.SGD(ref.parameters(), lr=0.05, momentum=beta,
+        beta = 0.9 if "momentum" in kind else 0.0
+        # "fused": the multi-tensor kernel eager CUDA steps use, here on the CPU.
+        opt, torch_opt = SGD(params, momentum=beta, weight_decay=0.01, fused=kind.endswith("fused")), torch.optim.SGD(ref.parameters(), lr=0.05, momentum=beta,
                                                                                          weight_decay=0.01)  # fmt: skip
     lr = torch.tensor(0.05, dtype=torch.float64)
     for _ in range(25):
@@ -42,6 +43,14 @@ def test_optimizer_updates_match_torch_optim(kind):
         torch_opt.step()
     for (name, p), q in zip(ours.named_parameters(), ref.parameters()):
         assert torch.allclose(p, q, rtol=1e-10, atol=1e-12), name
+
+
+def test_sgd_is_fused_on_cuda_only():
+    assert not SGD(dict(_net().named_parameters()), momentum=0.9).fused  # CPU: the per-tensor code
+    meta = nn.Linear(3, 2, device="meta")
+    assert not SGD(dict(meta.named_parameters())).fused
+    if torch.cuda.is_available():
+        assert SGD(dict(nn.Linear(3, 2).cuda().named_parameters()), momentum=0.9).fused
 
 
 def test_optimizer_state_round_trips():
