@@ -5,12 +5,16 @@
 
 Both sides run on random CIFAR-shaped data in one process: an epoch of ``--train-images``
 images through ``lnsgd.step.TrainStep`` at the recipe's batch size, precision and compile
-mode, and one ``measure_sharpness`` at the recipe's ``track.sharpness`` settings, except
-``--examples``/``--hvps`` (measured small, projected linearly: every product is a pass over
-the examples, and the number of products is what the recipe asks for, or what ``rtol``
-stopped at). Prints the measured ratio and the projected overhead of tracking over the whole
-run at the recipe's sizes (50,000 training images, ``track.sharpness.examples``/``hvps``,
-one measurement every ``track.sharpness.every`` epochs).
+mode, and ``measure_sharpness`` at the recipe's ``track.sharpness`` settings, except
+``--examples``/``--hvps``. A measurement has a part that grows with the examples (every
+product is a pass over them) and a part that does not (Lanczos' re-orthogonalization,
+XTrace's sketch, random probes: O(parameters) work per product); so it is timed, after a
+warm-up, at ``--examples`` and at twice that, and the line through the two times is
+projected to the recipe's ``track.sharpness.examples`` (the number of products is what the
+recipe asks for, scaled linearly from ``--hvps``, or what ``rtol`` stopped at). Prints the
+measured times and ratio and the projected overhead of tracking over the whole run at the
+recipe's sizes (50,000 training images, one measurement every ``track.sharpness.every``
+epochs).
 """
 
 from __future__ import annotations
@@ -74,24 +78,37 @@ def main() -> None:
     epoch()
     epoch_s = time.perf_counter() - t
     hvps = args.hvps or cfg.hvps
-    inputs, targets = data.normalize(x[: args.examples]), y[: args.examples]
-    t = time.perf_counter()
-    r = measure_sharpness(model, measured_loss(recipe, 10, cfg.loss), inputs, targets, measures=cfg.measures, hvps=hvps,
-                          generator=torch.Generator(device=device).manual_seed(0), trace_method=cfg.trace_method, rtol=cfg.rtol,
-                          eta=recipe.optim.lr, momentum=recipe.optim.momentum, skip_undefined_R=True)  # fmt: skip
-    measure_s = time.perf_counter() - t
+    n1, n2 = args.examples, 2 * args.examples
+    x, y = torch.cat([x, x[: max(0, n2 - n)]]), torch.cat([y, y[: max(0, n2 - n)]])  # enough examples for n2
+
+    def measure(examples: int) -> tuple[float, dict]:
+        inputs, targets = data.normalize(x[:examples]), y[:examples]
+        t = time.perf_counter()
+        r = measure_sharpness(model, measured_loss(recipe, 10, cfg.loss), inputs, targets, measures=cfg.measures,
+                              hvps=hvps, generator=torch.Generator(device=device).manual_seed(0),
+                              trace_method=cfg.trace_method, rtol=cfg.rtol, eta=recipe.optim.lr,
+                              momentum=recipe.optim.momentum, skip_undefined_R=True)  # fmt: skip
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - t, r
+
+    measure(2)  # warm-up
+    t1, r = measure(n1)
+    t2, _ = measure(n2)
+    per_example = max(t2 - t1, 0.0) / (n2 - n1)
+    fixed = max(t1 - per_example * n1, 0.0)
 
     per_image = epoch_s / (spe * B)
     full_epoch_s = per_image * args.full_train_images
-    full_measure_s = measure_s * (cfg.examples / args.examples) * (cfg.hvps / hvps)
+    full_measure_s = (fixed + per_example * cfg.examples) * (cfg.hvps / hvps)
     overhead = full_measure_s / (cfg.every * full_epoch_s)
     print(f"device {device}, model {recipe.model.name} ({sum(p.numel() for p in model.parameters()):,} parameters)")
-    print(f"measured: epoch of {spe * B} images {epoch_s:.2f} s; measurement {cfg.measures} at {args.examples} examples, "
-          f"{hvps} HVPs budget ({r['hvps']} spent): {measure_s:.2f} s; ratio measurement/epoch {measure_s / epoch_s:.2f}")
+    print(f"measured: epoch of {spe * B} images {epoch_s:.2f} s; measurement {cfg.measures}, {hvps} HVPs budget "
+          f"({r['hvps']} spent): {t1:.2f} s at {n1} examples, {t2:.2f} s at {n2} "
+          f"(= {fixed:.2f} s + {per_example:.3f} s per example); ratio measurement/epoch at {n1} examples {t1 / epoch_s:.2f}")
     print(f"projected to the recipe: epoch of {args.full_train_images} images {full_epoch_s:.0f} s; measurement at "
           f"{cfg.examples} examples, {cfg.hvps} HVPs {full_measure_s:.0f} s, every {cfg.every} epochs: "
           f"tracking adds {100 * overhead:.1f}% to the run (target ≤ 10%)")
-
 
 if __name__ == "__main__":
     main()
