@@ -111,7 +111,7 @@ def train(
     """Run label-noise (or plain) SGD from a recipe into a run folder."""
     from lnsgd.measure import training_hook
     from lnsgd.recipe import load_recipe
-    from lnsgd.train import run_dir_for
+    from lnsgd.runtime import run_dir_for
     from lnsgd.train import train as run_train
 
     r = load_recipe(recipe, overrides or [])
@@ -283,8 +283,8 @@ def measure_sharpness(
 def theory(recipe: RecipeArg, overrides: OverridesArg = None, force: ForceOpt = False, quiet: QuietOpt = False) -> None:
     """Check Theorem 1 with exact Hessians: label-noise SGD, plain SGD and GD on L + λR from one start."""
     from lnsgd.recipe import load_recipe
+    from lnsgd.runtime import run_dir_for
     from lnsgd.theory import run_theory, summary_table
-    from lnsgd.train import run_dir_for
 
     r = load_recipe(recipe, overrides or [])
     summary = run_theory(r, run_dir_for(r), force=force, progress=_progress(quiet))

@@ -1107,7 +1107,6 @@ def _ghost_context(m: nn.Module, a: Tensor, out: Tensor) -> tuple[str, Tensor]:
     """What layer m's per-example squared gradient norms need of its input a, computed
     once per block and shared by the k output gradients."""
     a = a.detach()
-    b = a.shape[0]
     if isinstance(m, nn.Linear):
         return "linear", a.pow(2).sum(1)
     if isinstance(m, _CONV):

@@ -27,8 +27,8 @@ from pathlib import Path
 
 import torch
 
-from lnsgd.errors import LnsgdError
 from lnsgd.recipe import Recipe, recipe_from_dict, recipe_to_dict, with_overrides
+from lnsgd.runtime import claim_folder
 
 # The whole study, as one base recipe plus per-stage overrides. Units: epochs over the
 # 4000 training examples unless noted.
@@ -100,23 +100,26 @@ def _trace(model, recipe: Recipe, data, seed: int) -> float:
 def run_demo(out: Path, *, force: bool = False, seed: int = 0, quick: bool = False, progress_factory=None,
              console=None, fullbatch: bool = False) -> dict:  # fmt: skip
     """Run the whole study into ``out``; return (and write) the summary."""
+    from lnsgd.track import Progress
+
+    out = Path(out)
+    claim_folder(out, what="demo folder", force=force, other="--out <another folder>")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny models: one thread is faster than two fighting (6.5 vs 89 ms/step under load)
+    try:
+        return _run_demo(out, seed, quick, progress_factory or Progress, console, fullbatch)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run_demo(out: Path, seed: int, quick: bool, progress_factory, console, fullbatch: bool) -> dict:
     from lnsgd.checkpoint import load_checkpoint
     from lnsgd.data import load
     from lnsgd.inits import run_init
     from lnsgd.measure import training_hook
-    from lnsgd.track import Progress, read_jsonl
+    from lnsgd.track import read_jsonl
     from lnsgd.train import train
 
-    out = Path(out)
-    if out.exists() and any(out.iterdir()) and not force:
-        raise LnsgdError(f"demo folder {out} already exists; pass --force to overwrite it or --out <another folder>")
-    if out.exists() and force:
-        import shutil
-
-        shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
-    torch.set_num_threads(1)  # tiny models: one thread is faster than two fighting (6.5 vs 89 ms/step under load)
-    progress_factory = progress_factory or Progress
     say = (lambda text: console.print(text, highlight=False)) if console is not None else (lambda text: None)
 
     started = time.perf_counter()

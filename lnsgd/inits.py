@@ -148,7 +148,8 @@ def run_init(kind: str, recipe: Recipe, run_dir, *, resume: bool = False, force:
     """Build a full-batch or adversarial minimizer into a run folder; summary.json gains an ``init`` entry."""
     import json
 
-    from lnsgd.train import run_dir_for, train
+    from lnsgd.runtime import run_dir_for
+    from lnsgd.train import train
 
     run_dir = run_dir_for(recipe, run_dir)
     build = fullbatch_phases if kind == "fullbatch" else adversarial_phases

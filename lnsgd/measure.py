@@ -16,7 +16,8 @@ from lnsgd.data import Data
 from lnsgd.errors import LnsgdError
 from lnsgd.losses import clean_loss, expected_loss
 from lnsgd.recipe import Recipe
-from lnsgd.train import model_targets, stream_seed
+from lnsgd.runtime import stream_seed
+from lnsgd.train import model_targets
 
 
 def measured_loss(recipe: Recipe, num_outputs: int, which: str = "expected"):
@@ -93,7 +94,7 @@ def measure_checkpoint(path, *, eta: float | None = None, momentum: float | None
 
     from lnsgd.checkpoint import load_checkpoint
     from lnsgd.data import load
-    from lnsgd.train import resolve_device
+    from lnsgd.runtime import resolve_device
 
     if eta is not None and eta <= 0:
         raise LnsgdError(f"--eta {eta}: the learning rate must be > 0")

@@ -991,7 +991,7 @@ class _checkpoint_on_preemption:
         return self
 
     def _handle(self, signum, frame) -> None:
-        from lnsgd.train import StopFlag
+        from lnsgd.runtime import StopFlag
 
         loop = signal.getsignal(signal.SIGTERM)
         if self.pending is None and isinstance(getattr(loop, "__self__", None), StopFlag):

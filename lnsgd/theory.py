@@ -71,8 +71,9 @@ from lnsgd.errors import DivergedError, LnsgdError
 from lnsgd.models import DEFAULT_WIDTH, DataSpec, QuadraticModel, TwoLayer
 from lnsgd.noise import apply_noise
 from lnsgd.recipe import Recipe, lambda_eff, recipe_to_dict, recipe_to_yaml
+from lnsgd.runtime import backend_settings, claim_folder, environment_info, refuse_existing, resolve_device, stream_seed
 from lnsgd.track import MetricsSink, Progress, read_jsonl
-from lnsgd.train import configure_backend, environment_info, make_model, prepare_run_dir, resolve_device, stream_seed
+from lnsgd.train import make_model
 
 DTYPE = torch.float64
 TRAJECTORIES = ("label_noise", "plain", "phi")
@@ -444,7 +445,8 @@ def run_theory(recipe: Recipe, run_dir: Path, *, force: bool = False, progress: 
         # with 2 threads on a busy 2-core machine); restored on the way out.
         torch.set_num_threads(1)
     try:
-        return _run(recipe, run_dir, device, force, progress)
+        with backend_settings(recipe, device):
+            return _run(recipe, run_dir, device, force, progress)
     finally:
         torch.set_num_threads(threads)
 
@@ -453,9 +455,7 @@ def _run(recipe: Recipe, run_dir: Path, device: torch.device, force: bool, progr
     cfg = recipe.data.synthetic
     width = recipe.model.width or DEFAULT_WIDTH[recipe.model.name]
     _check_size(cfg.d if recipe.model.name == "quadratic" else width * cfg.d + width, recipe)  # before any allocation
-    if run_dir.exists() and any(run_dir.iterdir()) and not force:
-        raise LnsgdError(f"run folder {run_dir} already exists; pass --force to overwrite it, or choose another name=<...>")
-    configure_backend(recipe, device)
+    refuse_existing(run_dir, force=force)
     x, y, _, _, teacher = make_synthetic(cfg)
     x, y = x.to(device), y[:, 0].to(device)
     w_star = teacher.to(device) if recipe.model.name == "quadratic" and cfg.teacher == "sparse_linear" else None
@@ -489,11 +489,7 @@ def _run(recipe: Recipe, run_dir: Path, device: torch.device, force: bool, progr
             stacklevel=3,
         )
 
-    prepare_run_dir(run_dir, resume=False, force=force)
-    try:
-        (run_dir / "checkpoints").rmdir()  # the theory lab writes no checkpoints
-    except OSError:
-        pass
+    claim_folder(run_dir, force=force)  # the theory lab writes no checkpoints
     (run_dir / "recipe.yaml").write_text(recipe_to_yaml(recipe))
     sink = MetricsSink(run_dir, recipe.log.wandb, recipe.name, recipe_to_dict(recipe))
 

@@ -13,13 +13,7 @@ progress display are passed in.
 
 from __future__ import annotations
 
-import hashlib
 import json
-import platform
-import shutil
-import signal
-import subprocess
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -28,7 +22,6 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from lnsgd import __version__
 from lnsgd.checkpoint import load_state_strict, read_checkpoint, save_atomic
 from lnsgd.data import Data, load
 from lnsgd.errors import DivergedError, LnsgdError, RunInterrupted
@@ -36,34 +29,11 @@ from lnsgd.losses import clean_loss, expected_loss, expected_loss_minimum, train
 from lnsgd.models import DataSpec, build_model
 from lnsgd.optim import build_optimizer
 from lnsgd.recipe import RESUME_TOLERATED, Recipe, lambda_eff, lr_at, recipe_differences, recipe_to_dict, recipe_to_yaml, steps_per_epoch
+from lnsgd.runtime import StopFlag, backend_settings, claim_folder, environment_info, resolve_device, run_dir_for, signal_name, stream_seed
 from lnsgd.step import TrainSet, TrainStep, autocast_for, check_compile_mode, make_augment
 from lnsgd.track import MetricsSink, Progress, read_jsonl, truncate_jsonl
 
 # --------------------------------------------------------------------------- set-up helpers
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise LnsgdError("device=cuda but no CUDA device is visible; use device=auto or device=cpu")
-    return torch.device(name)
-
-
-def configure_backend(recipe: Recipe, device: torch.device) -> None:
-    """Process-wide numeric settings the recipe asks for."""
-    if device.type == "cpu":
-        # Near zero loss, denormal floats made plain SGD ~100x slower in a prototype.
-        torch.set_flush_denormal(True)
-    tf32 = recipe.precision == "tf32"
-    torch.backends.cuda.matmul.allow_tf32 = tf32
-    torch.backends.cudnn.allow_tf32 = tf32
-
-
-def stream_seed(seed: int, stream: str) -> int:
-    """Independent, reproducible seeds for each random stream of a run."""
-    digest = hashlib.sha256(f"{seed}:{stream}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 
 def make_model(recipe: Recipe, spec: DataSpec, device: torch.device, *, load_init: bool = True) -> nn.Module:
@@ -134,79 +104,6 @@ def weight_norm(model: nn.Module) -> torch.Tensor:
     return torch.linalg.vector_norm(torch.stack([p.detach().norm() for p in model.parameters()]))
 
 
-# --------------------------------------------------------------------------- run folder
-
-
-def prepare_run_dir(run_dir: Path, *, resume: bool, force: bool) -> None:
-    """Create the run folder, refusing to overwrite an existing run unless asked."""
-    exists = run_dir.exists() and any(run_dir.iterdir())
-    if exists and not resume and not force:
-        raise LnsgdError(
-            f"run folder {run_dir} already exists; pass --resume to continue it, --force to overwrite it, "
-            "or choose another name=<...>"
-        )
-    if resume and not (run_dir / "checkpoints" / "last.pt").exists():
-        raise LnsgdError(f"nothing to resume in {run_dir} (no checkpoints/last.pt); run without --resume")
-    try:
-        if exists and force and not resume:
-            shutil.rmtree(run_dir)
-        (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
-        probe = run_dir / ".write-test"
-        probe.write_text("")
-        probe.unlink()
-    except OSError as e:
-        raise LnsgdError(f"cannot write run folder {run_dir} ({e.strerror or e}); set log.dir to a writable folder") from None
-
-
-def run_dir_for(recipe: Recipe, out: Path | None = None) -> Path:
-    return Path(out) if out is not None else Path(recipe.log.dir) / recipe.name
-
-
-def _git_commit() -> str | None:
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True, timeout=5)
-        return out.stdout.strip() or None if out.returncode == 0 else None
-    except (OSError, subprocess.SubprocessError):
-        return None
-
-
-def environment_info(device: torch.device) -> dict:
-    info = {"lnsgd": __version__, "torch": torch.__version__, "python": platform.python_version(), "device": str(device)}
-    if device.type == "cuda":
-        info["gpu"] = torch.cuda.get_device_name(device)
-    info["git_commit"] = _git_commit()
-    return info
-
-
-# --------------------------------------------------------------------------- stop signals
-
-
-class StopFlag:
-    """Set by SIGINT/SIGTERM; the loop finishes the current step, checkpoints and stops."""
-
-    def __init__(self):
-        self.signal: int | None = None
-        self._old: dict = {}
-
-    def __enter__(self) -> StopFlag:
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                self._old[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def _handle(self, signum, frame) -> None:
-        if self.signal is not None:  # a second Ctrl-C while checkpointing: give up at once
-            raise KeyboardInterrupt
-        self.signal = signum
-
-    def __exit__(self, *exc) -> None:
-        for sig, handler in self._old.items():
-            signal.signal(sig, handler)
-
-    def __bool__(self) -> bool:
-        return self.signal is not None
-
-
 # --------------------------------------------------------------------------- the loop
 
 
@@ -254,14 +151,18 @@ def train(
     run_dir = run_dir_for(recipe, run_dir)
     device = resolve_device(recipe.device)
     check_compile_mode(recipe.compile, device)
-    configure_backend(recipe, device)
+    with backend_settings(recipe, device):
+        return _train(recipe, run_dir, device, resume, force, progress, phases, sharpness_hook, command)
+
+
+def _train(recipe, run_dir, device, resume, force, progress, phases, sharpness_hook, command) -> dict:
     data = load(recipe, device)
     phases = phases(data) if callable(phases) else (phases or [Phase("train", recipe)])
     for ph in phases:
         _check_batch_size(ph.recipe, ph.train_set.n if ph.train_set else len(data.train_x))
     # Everything that can fail on bad input (init.checkpoint, compile mode) comes before the run folder exists.
     model = make_model(recipe, data.spec, device, load_init=not resume)
-    prepare_run_dir(run_dir, resume=resume, force=force)
+    claim_folder(run_dir, resume=resume, force=force, make=["checkpoints"])
 
     run = Run(recipe, run_dir, data, model, phases, device, progress or Progress(), sharpness_hook)
     if resume:
@@ -543,6 +444,6 @@ def _progress_info(row: dict) -> dict:
 
 
 def _interrupt_message(signum: int | None, run_dir: Path, epoch: int, step: int) -> str:
-    name = signal.Signals(signum).name if signum else "signal"
+    name = signal_name(signum)
     ckpt = run_dir / "checkpoints" / "last.pt"
     return f"stopped by {name} at step {step} (epoch {epoch}); checkpoint written to {ckpt}; continue with --resume"
