@@ -55,9 +55,10 @@ def friendly(fn: Callable) -> Callable:
         def show_warning(message, category, filename, lineno, file=None, line=None):
             err_console.print(f"[yellow]warning:[/] {escape(str(message))}", highlight=False, soft_wrap=True)
 
-        warnings.showwarning = show_warning
         try:
-            return fn(*args, **kwargs)
+            with warnings.catch_warnings():  # restores the process's showwarning on the way out
+                warnings.showwarning = show_warning
+                return fn(*args, **kwargs)
         except RunInterrupted as e:
             raise fail(str(e), 130) from None
         except DivergedError as e:

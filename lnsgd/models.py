@@ -224,7 +224,3 @@ def build_model(config: ModelConfig, spec: DataSpec) -> nn.Module:
     if config.name == "two_layer":
         return TwoLayer(d, width, spec.num_outputs)
     raise LnsgdError(f"unknown model.name {config.name!r}")
-
-
-def has_dropout(model: nn.Module) -> bool:
-    return any(isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0 for m in model.modules())

@@ -163,7 +163,6 @@ class Progress:
 
     def start(self, total_epochs: int, done_epochs: int, description: str, unit: str = "epochs") -> None: ...
     def advance(self, epoch: int, info: dict) -> None: ...
-    def message(self, text: str) -> None: ...
     def stop(self) -> None: ...
 
 
@@ -193,9 +192,6 @@ class RichProgress(Progress):
             return
         text = "  ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in info.items())
         self.bar.update(self.task, completed=epoch, info=text)
-
-    def message(self, text: str) -> None:
-        (self.bar.console if self.bar else self.console).print(text)
 
     def stop(self) -> None:
         if self.bar is not None:

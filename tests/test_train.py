@@ -254,3 +254,17 @@ def test_wandb_online_failure_falls_back_and_never_kills_the_run(write_recipe, t
         train(recipe, tmp_path / "w")
     assert modes == ["online", "offline"]
     assert (tmp_path / "w/summary.json").exists()
+
+
+def test_commands_leave_process_wide_state_as_they_found_it(cli, write_recipe, tmp_path):
+    # TF32 flags, the warning printer and torch's thread count belong to the caller's process.
+    import warnings
+
+    before = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32, warnings.showwarning)
+    res = cli("train", write_recipe({"precision": "tf32", "train": {"epochs": 1}}), "--quiet")
+    assert res.exit_code == 0, res.output
+    assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32, warnings.showwarning) == before
+    threads = torch.get_num_threads()
+    res = cli("demo", "--quick", "--out", str(tmp_path / "demo"))
+    assert res.exit_code == 0, res.output
+    assert torch.get_num_threads() == threads
