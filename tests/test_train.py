@@ -93,20 +93,26 @@ def test_resume_mid_epoch_is_identical(write_recipe, tmp_path):
 
 
 def test_sigterm_checkpoints_and_says_how_to_resume(write_recipe, tmp_path):
+    # A real `lnsgd train` process that sends itself SIGTERM when epoch 2 is reported:
+    # the signal lands at a known point of the loop, with no polling race.
     path = write_recipe({"train": {"epochs": 500}, "data": {"train_size": 1000}})
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "lnsgd.cli", "train", str(path), "--quiet"], cwd=tmp_path, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
-    metrics = tmp_path / "runs" / "tiny" / "metrics.jsonl"
-    deadline = time.time() + 60
-    while time.time() < deadline and len(read_jsonl(metrics)) < 3:
-        time.sleep(0.2)
-    proc.send_signal(signal.SIGTERM)
-    out, err = proc.communicate(timeout=60)
-    assert proc.returncode == 130, err
-    assert "SIGTERM" in err and "--resume" in err and "Traceback" not in err
+    child = (
+        "import os, signal, sys\n"
+        "import lnsgd.track as track\n"
+        "def advance(self, epoch, info):\n"
+        "    if epoch == 2:\n"
+        "        os.kill(os.getpid(), signal.SIGTERM)\n"
+        "track.Progress.advance = advance\n"
+        "from lnsgd.cli import main\n"
+        "sys.argv = ['lnsgd', 'train', sys.argv[1], '--quiet']\n"
+        "main()\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", child, str(path)], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 130, proc.stderr
+    assert "SIGTERM" in proc.stderr and "--resume" in proc.stderr and "Traceback" not in proc.stderr
     ckpt = torch.load(tmp_path / "runs/tiny/checkpoints/last.pt", weights_only=True)
-    assert ckpt["step"] > 0
+    assert ckpt["step"] > 0 and ckpt["epoch"] == 2
+    assert len(read_jsonl(tmp_path / "runs/tiny/metrics.jsonl")) == 3  # epochs 0, 1, 2
 
 
 def test_full_batch_step_is_the_exact_gradient(write_recipe, tmp_path):
