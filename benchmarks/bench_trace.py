@@ -135,7 +135,10 @@ def dense_gauss_newton(model: nn.Module, loss_fn, x: torch.Tensor) -> torch.Tens
         xc = x[start : start + 128]
         jac = torch.func.vmap(torch.func.jacrev(output), in_dims=(None, 0))(params, xc)
         J = torch.cat([j.reshape(j.shape[0], j.shape[1], -1) for j in jac], 2)  # (b, k, dim)
-        lam = cv._output_hessians(loss_fn.kind, model(xc).detach())
+        out = model(xc).detach()  # Λᵢ written out here, not lnsgd's: this is the reference
+        p = out.softmax(1)
+        lam = torch.eye(out.shape[1], dtype=out.dtype).expand(len(out), -1, -1) if loss_fn.kind == "mse" else (
+            torch.diag_embed(p) - p[:, :, None] * p[:, None, :])  # fmt: skip
         G = G + torch.einsum("bkd,bkl,ble->de", J, lam, J)
     return G / len(x)
 
@@ -235,7 +238,7 @@ def bench_dense(name: str, examples: int, budgets: list[int], seeds: int) -> Non
 def bench_checkpoint(path: str, examples: int, budgets: list[int], seeds: int, reference_probes: int, flip: float | None) -> None:
     import lnsgd
     from lnsgd.data import load
-    from lnsgd.measure import evaluation_subset, measured_loss
+    from lnsgd.sharpness import evaluation_subset, measured_loss
 
     model, recipe = lnsgd.load_checkpoint(path)
     model.eval()

@@ -37,7 +37,7 @@ def main() -> None:
 
     from lnsgd.data import Data
     from lnsgd.losses import clean_loss
-    from lnsgd.measure import measured_loss
+    from lnsgd.sharpness import measured_loss
     from lnsgd.models import DataSpec
     from lnsgd.optim import build_optimizer
     from lnsgd.recipe import load_recipe

@@ -110,7 +110,7 @@ def train(
     quiet: QuietOpt = False,
 ) -> None:
     """Run label-noise (or plain) SGD from a recipe into a run folder."""
-    from lnsgd.measure import training_hook
+    from lnsgd.sharpness import training_hook
     from lnsgd.recipe import load_recipe
     from lnsgd.runtime import run_dir_for
     from lnsgd.train import train as run_train
@@ -135,7 +135,7 @@ def _resumable(command: str, recipe: Path, overrides, resume: bool, force: bool)
 
 def _init_command(kind: str, recipe: Path, overrides, resume: bool, force: bool, out, quiet: bool) -> None:
     from lnsgd.inits import run_init
-    from lnsgd.measure import training_hook
+    from lnsgd.sharpness import training_hook
     from lnsgd.recipe import load_recipe
 
     r = load_recipe(recipe, overrides or [])
@@ -223,7 +223,7 @@ def measure_sharpness(
     quiet: QuietOpt = False,
 ) -> None:
     """tr∇²L, top eigenvalues, tr G and the implicit regularizer R(θ) of a checkpoint."""
-    from lnsgd.measure import measure_checkpoint
+    from lnsgd.sharpness import measure_checkpoint
 
     if loss not in ("expected", "clean"):
         raise fail(f"--loss {loss!r}: expected 'expected' or 'clean'")
@@ -374,7 +374,7 @@ def plot(
     ignore: IgnoreOpt = None,
 ) -> None:
     """Figures from run folders: accuracy, sharpness and accuracy-vs-sharpness, seeds aggregated."""
-    from lnsgd.plot import plot_runs
+    from lnsgd.report import plot_runs
 
     if x not in ("epoch", "step", "time_s"):
         raise fail(f"--x {x!r}: expected epoch, step or time_s")
@@ -393,7 +393,7 @@ def compare(
     ignore: IgnoreOpt = None,
 ) -> None:
     """Final metrics per group of runs: median [min, max] over seeds."""
-    from lnsgd.plot import compare_runs, compare_table, write_csv
+    from lnsgd.report import compare_runs, compare_table, write_csv
 
     columns, rows = compare_runs(runs, ignore=ignore or ())
     console.print(compare_table(columns, rows))

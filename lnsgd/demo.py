@@ -90,7 +90,7 @@ def arm_recipe(stages: dict[str, Recipe], init: str, arm: str, init_checkpoint: 
 
 def _trace(model, recipe: Recipe, data, seed: int) -> float:
     """tr∇²L of the label-noise arm's expected loss (label-smoothed CE, p = 0.2) on the first training examples."""
-    from lnsgd.measure import sharpness_of_model
+    from lnsgd.sharpness import sharpness_of_model
 
     cfg = recipe.track.sharpness
     return sharpness_of_model(model, recipe, data, measures=("trace",), examples=cfg.examples, hvps=cfg.hvps,
@@ -116,7 +116,7 @@ def _run_demo(out: Path, seed: int, quick: bool, progress_factory, console, full
     from lnsgd.checkpoint import load_checkpoint
     from lnsgd.data import load
     from lnsgd.inits import run_init
-    from lnsgd.measure import training_hook
+    from lnsgd.sharpness import training_hook
     from lnsgd.track import read_jsonl
     from lnsgd.train import train
 

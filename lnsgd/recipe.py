@@ -268,14 +268,19 @@ class Recipe(Section):
 # --------------------------------------------------------------------------- loading
 
 
-def _format_validation_error(err: ValidationError, source: str) -> str:
+def format_validation_error(err: ValidationError, source: str, unknown_key: str | None = None) -> str:
+    """One line for a pydantic error: ``source: loc: what is wrong; ...``.
+
+    ``unknown_key`` replaces the message for keys the model does not have (a sweep spec
+    lists its own keys); by default it points at `lnsgd validate`.
+    """
     parts = []
     for e in err.errors():
         loc = ".".join(str(x) for x in e["loc"])
         msg = e["msg"].removeprefix("Value error, ")
         if e["type"] == "extra_forbidden":
             parent = ".".join(str(x) for x in e["loc"][:-1]) or "the top level"
-            msg = f"unknown key (not a field of {parent}; `lnsgd validate` prints every field)"
+            msg = unknown_key or f"unknown key (not a field of {parent}; `lnsgd validate` prints every field)"
         elif e["type"] == "literal_error":
             msg = f"{msg}, got {e.get('input')!r}"
         elif "input" in e and not isinstance(e["input"], dict):
@@ -344,13 +349,14 @@ def read_yaml(path: Path) -> dict:
     return raw
 
 
-# Paths inside a recipe that are resolved against the recipe's folder.
-_PATH_FIELDS = (("data", "root"), ("init", "checkpoint"), ("log", "dir"))
+# Recipe fields holding paths. Relative values resolve against the file that gives them (a
+# recipe's or a sweep spec's folder), or against the current directory on the command line.
+PATH_FIELDS = ("data.root", "init.checkpoint", "log.dir")
 
 
 def _resolve_paths(raw: dict, base: Path) -> dict:
     out = _deepcopy(raw)
-    for section, key in _PATH_FIELDS:
+    for section, key in (f.split(".") for f in PATH_FIELDS):
         node = out.get(section)
         if isinstance(node, dict) and isinstance(node.get(key), str):
             p = Path(node[key]).expanduser()
@@ -362,7 +368,7 @@ def validate_mapping(raw: dict, source: str = "recipe") -> Recipe:
     try:
         return Recipe.model_validate(raw)
     except ValidationError as e:
-        raise LnsgdError(_format_validation_error(e, source)) from None
+        raise LnsgdError(format_validation_error(e, source)) from None
 
 
 def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
@@ -462,21 +468,60 @@ def lr_at(recipe: Recipe, step: int, steps_per_epoch_: int) -> float:
 
 
 def field_help() -> list[tuple[str, str, str]]:
-    """(dotted key, default, description) for every recipe field, for `lnsgd validate --fields`."""
+    """(dotted key, default, "type · description") for every recipe field, for `lnsgd validate --fields`.
+
+    Read from pydantic's JSON schema of `Recipe`, so a section that is optional and off
+    unless set (``track.sharpness``: null) gets a row of its own and then one row per
+    field, like every other section. Defaults are JSON, as a recipe would write them
+    (null, false, [], "run"). Types are written without "[word" brackets ("list of int"): the
+    CLI prints this text as rich markup, which would swallow them.
+    """
+    import json  # here, not at the top: this function is the only user
+
+    schema = Recipe.model_json_schema()
+    defs = schema.get("$defs", {})
     rows: list[tuple[str, str, str]] = []
 
-    def walk(model: type[BaseModel], prefix: str) -> None:
-        for name, f in model.model_fields.items():
-            ann = f.annotation
-            sub = ann if isinstance(ann, type) and issubclass(ann, BaseModel) else None
-            if sub is None:
-                args = getattr(ann, "__args__", ())
-                sub = next((a for a in args if isinstance(a, type) and issubclass(a, BaseModel)), None)
-            if sub is not None and f.default_factory is not None:
-                walk(sub, f"{prefix}{name}.")
-            else:
-                default = f.default if f.default_factory is None else f.default_factory()
-                rows.append((f"{prefix}{name}", repr(default), f.description or ""))
+    def walk(section: dict, prefix: str) -> None:
+        for name, prop in section["properties"].items():
+            key = f"{prefix}{name}"
+            # An optional field is anyOf [its type, null]; a section is a $ref to a $defs entry.
+            branches = [_resolve_schema_ref(b, defs) for b in prop.get("anyOf", [prop])]
+            sub = next((b for b in branches if "properties" in b), None)
+            if sub is None or "default" in prop:  # a leaf, or a section that can be null
+                default = json.dumps(prop["default"], ensure_ascii=False) if "default" in prop else "(required)"
+                kind = " | ".join(_schema_type(b) for b in branches)
+                rows.append((key, default, " · ".join(filter(None, (kind, prop.get("description"))))))
+            if sub is not None:
+                walk(sub, f"{key}.")
 
-    walk(Recipe, "")
+    walk(schema, "")
     return rows
+
+
+def _resolve_schema_ref(node: dict, defs: dict) -> dict:
+    """The `$defs` entry a {"$ref": "#/$defs/Name"} node points to; other nodes as they are."""
+    ref = node.get("$ref")
+    return defs[ref.rsplit("/", 1)[-1]] if ref else node
+
+
+_SCHEMA_TYPES = {"integer": "int", "number": "float", "boolean": "bool", "string": "str", "null": "null", "object": "mapping"}
+
+
+def _schema_type(node: dict) -> str:
+    """A JSON-schema node as a short type: "int ≥ 1", "float in (0, 1)", "{a, b}", "list of str", "mapping"."""
+    if "properties" in node:
+        return "mapping"
+    if "enum" in node:
+        return "{" + ", ".join(str(v) for v in node["enum"]) + "}"
+    if node.get("type") == "array":
+        return f"list of {_schema_type(node.get('items', {}))}"
+    name = _SCHEMA_TYPES.get(node.get("type"), node.get("type", "any"))
+    lo = ("≥", "[", node["minimum"]) if "minimum" in node else (">", "(", node["exclusiveMinimum"]) if "exclusiveMinimum" in node else None
+    hi = ("≤", "]", node["maximum"]) if "maximum" in node else ("<", ")", node["exclusiveMaximum"]) if "exclusiveMaximum" in node else None
+    if lo and hi:
+        return f"{name} in {lo[1]}{lo[2]}, {hi[2]}{hi[1]}"
+    if lo or hi:
+        sign, _, bound = lo or hi
+        return f"{name} {sign} {bound}"
+    return name

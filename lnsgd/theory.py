@@ -66,6 +66,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from lnsgd.curvature.regularizer import RUndefinedError, eta_bound, regularizer, regularizer_scale, sharpness_bound
 from lnsgd.data import make_synthetic
 from lnsgd.errors import DivergedError, LnsgdError
 from lnsgd.models import DEFAULT_WIDTH, DataSpec, QuadraticModel, TwoLayer
@@ -81,29 +82,9 @@ LABELS = {"label_noise": "label-noise SGD", "plain": "plain SGD", "phi": "Φ (GD
 FIGURE_FILE = "theory.png"
 ITERATES_FILE = "iterates.pt"
 
-# --------------------------------------------------------------------------- the regularizer (pure)
-
-
-def regularizer_scale(eta: float, momentum: float = 0.0) -> float:
-    """c = η/(2(1+β)): R = −1/(4c)·tr log(I − c∇²L); R is defined while c·λ_max < 1."""
-    return eta / (2.0 * (1.0 + momentum))
-
-
-def sharpness_bound(eta: float, momentum: float = 0.0) -> float:
-    """λ_max of ∇²L must stay below 1/c = 2(1+β)/η for R to be defined (and GD to be stable)."""
-    return 1.0 / regularizer_scale(eta, momentum)
-
-
-def regularizer(eigenvalues: torch.Tensor, eta: float, momentum: float = 0.0) -> torch.Tensor:
-    """R = −(1+β)/(2η)·Σ_i log(1 − η/(2(1+β))·λ_i) from the eigenvalues λ_i of ∇²L.
-
-    Differentiable in the eigenvalues; NaN where some c·λ_i ≥ 1 (R undefined).
-    η → 0 gives tr∇²L/4; η → (2−ν)/λ_max (β = 0) gives ≈ λ_max·log(2/ν)/4.
-    """
-    c = regularizer_scale(eta, momentum)
-    arg = 1.0 - c * eigenvalues
-    r = -torch.log(arg.clamp_min(torch.finfo(arg.dtype).tiny)).sum() / (4.0 * c)
-    return torch.where((arg > 0).all(), r, torch.full_like(r, math.nan))
+# --------------------------------------------------------------------------- the regularizer's derivatives (pure)
+# R itself, its scale c = η/(2(1+β)), its bound 2(1+β)/η and RUndefinedError live in
+# lnsgd.curvature.regularizer; the Φ steps also need ∂R/∂λ and ∂R/∂∇²L.
 
 
 def regularizer_derivative(eigenvalues: torch.Tensor, eta: float, momentum: float = 0.0) -> torch.Tensor:
@@ -114,23 +95,15 @@ def regularizer_derivative(eigenvalues: torch.Tensor, eta: float, momentum: floa
 def regularizer_grad_matrix(hessian: torch.Tensor, eta: float, momentum: float = 0.0) -> torch.Tensor:
     """∂R/∂∇²L = ¼(I − c∇²L)⁻¹ = U diag(r'(λ)) Uᵀ, by a Cholesky factorization.
 
-    Raises `RegularizerUndefined` when I − c∇²L is not positive definite.
+    Raises ``RUndefinedError`` when I − c∇²L is not positive definite.
     """
     c = regularizer_scale(eta, momentum)
     eye = torch.eye(hessian.shape[0], dtype=hessian.dtype, device=hessian.device)
     chol, info = torch.linalg.cholesky_ex(eye - c * hessian)
     if int(info) != 0:
         lam_max = float(torch.linalg.eigvalsh(hessian)[-1])
-        raise RegularizerUndefined(lam_max, eta, momentum)
+        raise RUndefinedError(eta, momentum, lam_max)
     return 0.25 * torch.cholesky_inverse(chol)
-
-
-class RegularizerUndefined(LnsgdError):
-    """λ_max(∇²L) ≥ 2(1+β)/η: log(I − c∇²L) has no real value."""
-
-    def __init__(self, lambda_max: float, eta: float, momentum: float):
-        self.lambda_max, self.eta, self.momentum = lambda_max, eta, momentum
-        super().__init__(f"λ_max(∇²L) = {lambda_max:.4g} ≥ 2(1+β)/η = {sharpness_bound(eta, momentum):.4g}: R is undefined")
 
 
 # --------------------------------------------------------------------------- explicit models
@@ -317,7 +290,7 @@ class Problem:
         return regularizer(torch.linalg.eigvalsh(self.hessian(theta)), eta, momentum)
 
     def regularizer_grad(self, theta: torch.Tensor, eta: float, momentum: float = 0.0) -> torch.Tensor:
-        """∇R(θ) = ∇_θ⟨M, ∇²L(θ)⟩ with M = ¼(I − c∇²L)⁻¹ fixed (eq. 1); raises RegularizerUndefined."""
+        """∇R(θ) = ∇_θ⟨M, ∇²L(θ)⟩ with M = ¼(I − c∇²L)⁻¹ fixed (eq. 1); raises RUndefinedError."""
         return self.regularized_grad(theta, 0.0, eta, momentum, with_loss=False)
 
     def regularized_grad(self, theta: torch.Tensor, lam: float, eta: float, momentum: float = 0.0,
@@ -474,7 +447,7 @@ def _run(recipe: Recipe, run_dir: Path, device: torch.device, force: bool, progr
     if lam_max0 >= bound:
         raise LnsgdError(
             f"optim.lr={eta:g} is too large at the start: λ_max(∇²L) = {lam_max0:.4g} ≥ 2(1+β)/η = {bound:.4g}, where "
-            f"R = −(1+β)/(2η)·tr log(I − η/(2(1+β))∇²L) is undefined; lower optim.lr below {2 * (1 + beta) / lam_max0:.4g}"
+            f"R = −(1+β)/(2η)·tr log(I − η/(2(1+β))∇²L) is undefined; lower optim.lr below {eta_bound(lam_max0, beta):.4g}"
         )
     # Is the start interpolating at the scale of the experiment? If GD on L alone still moves
     # faster than the regularizer pulls, plain SGD drifts too and the comparison blurs.
@@ -532,7 +505,7 @@ def _run(recipe: Recipe, run_dir: Path, device: torch.device, force: bool, progr
                 }
                 try:
                     grads["phi"] = problem.regularized_grad(theta["phi"], lam, eta, beta)
-                except RegularizerUndefined as e:
+                except RUndefinedError as e:
                     raise LnsgdError(
                         f"Φ (GD on L + λR) reached λ_max(∇²L) = {e.lambda_max:.4g} ≥ 2(1+β)/η = {bound:.4g} at step "
                         f"{start + j}, where R is undefined; lower optim.lr, or lower λ = {lam:.3g} "

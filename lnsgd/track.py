@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from lnsgd.errors import LnsgdError
 
-if TYPE_CHECKING:  # keep this module light: lnsgd.plot reads metrics through it
+if TYPE_CHECKING:  # keep this module light: lnsgd.report reads metrics through it
     from lnsgd.recipe import WandbConfig
 
 

@@ -1,8 +1,10 @@
 """Curvature operators and estimators against exact references.
 
-References: dense Hessians of tiny float64 models (``torch.func.hessian``),
-dense Gauss–Newton matrices from per-example Jacobians, and dense matrices
-with a known spectrum Q·diag(λ)·Qᵀ. Seeds are fixed, so every number checked
+References, all computed outside lnsgd: dense Hessians of tiny float64 models
+(``torch.autograd.functional.hessian`` of the loss as a function of one flat
+parameter vector), dense Gauss–Newton matrices from per-example Jacobians
+(``torch.func.jacrev``) with the output Hessians written out here, and dense
+matrices with a known spectrum Q·diag(λ)·Qᵀ. Seeds are fixed, so every number checked
 here is deterministic; the tolerances are the accuracy the estimators claim.
 """
 
@@ -15,8 +17,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.autograd.functional import hessian
 
 from lnsgd import curvature as cv
+from lnsgd.curvature import gauss_newton
+from lnsgd.curvature.operators import rademacher
 from lnsgd.errors import LnsgdError
 from lnsgd.sharpness import measure_sharpness, plot_density
 
@@ -33,6 +38,28 @@ def one_thread():
 
 def gen(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
+
+
+def reference_hessian(model: nn.Module, loss_fn, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """∇²L of the mean loss over (x, y) by ``torch.autograd.functional.hessian`` of the loss as a
+    function of one flat vector of the trainable parameters (``named_parameters()`` order), in
+    eval mode: no lnsgd code on the way."""
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    shapes = [p.shape for _, p in named]
+    flat = torch.cat([p.detach().reshape(-1) for _, p in named])
+
+    def loss_of(theta: torch.Tensor) -> torch.Tensor:
+        pieces = [t.view(s) for t, s in zip(theta.split([s.numel() for s in shapes]), shapes, strict=True)]
+        params = {n: t for (n, _), t in zip(named, pieces, strict=True)}
+        return loss_fn(torch.func.functional_call(model, params, (x,)), y)
+
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        return hessian(loss_of, flat)
+    finally:
+        for m, training in modes:
+            m.training = training
 
 
 def mlp(d: int = 6, h: int = 12, out: int = 3, norm: str = "none") -> nn.Module:
@@ -77,7 +104,7 @@ def trained():
     model = init_(mlp(), g)
     x, y = teacher_data(96, 6, 3, "cross_entropy", g)
     fit(model, cv.cross_entropy_loss, x, y, steps=100)
-    H = cv.dense_hessian(model, cv.cross_entropy_loss, x, y)
+    H = reference_hessian(model, cv.cross_entropy_loss, x, y)
     eigenvalues = torch.linalg.eigvalsh(H)
     op, dim = cv.hessian_matvec(model, cv.cross_entropy_loss, x, y)
     return dict(model=model, x=x, y=y, H=H, eigenvalues=eigenvalues, op=op, dim=dim)
@@ -92,48 +119,31 @@ def known_spectrum(dim: int = 300, seed: int = 1) -> tuple[torch.Tensor, torch.T
     return (Q * lam) @ Q.T, lam.sort(descending=True).values
 
 
-# --------------------------------------------------------------------------- losses
+# --------------------------------------------------------------------------- public API
 
 
-def test_losses_carry_their_kind_and_match_torch():
-    g = gen(2)
-    logits = torch.randn(7, 4, generator=g, dtype=torch.float64)
-    y = torch.randint(0, 4, (7,), generator=g)
-    assert cv.cross_entropy_loss.kind == "cross_entropy"
-    assert cv.mse_loss.kind == "mse"
-    assert torch.allclose(cv.cross_entropy_loss(logits, y), F.cross_entropy(logits, y))
-    # Smoothed CE = CE against soft targets (1-p on y, p/(C-1) elsewhere).
-    p = 0.2
-    soft = torch.full((7, 4), p / 3, dtype=torch.float64)
-    soft[torch.arange(7), y] = 1 - p
-    smoothed = cv.smoothed_cross_entropy(p, 4)
-    assert smoothed.kind == "cross_entropy"
-    assert torch.allclose(smoothed(logits, y), F.cross_entropy(logits, soft))
-    assert torch.allclose(cv.smoothed_cross_entropy(0.0, 4)(logits, y), F.cross_entropy(logits, y))
-    # MSE: ½‖f−y‖² per example, mean over examples; (n,1) outputs squeeze to 1-D targets.
-    f = torch.randn(7, 1, generator=g, dtype=torch.float64)
-    t = torch.randn(7, generator=g, dtype=torch.float64)
-    assert torch.allclose(cv.mse_loss(f, t), 0.5 * ((f.squeeze(1) - t) ** 2).mean())
-    f2, t2 = torch.randn(7, 3, generator=g), torch.randn(7, 3, generator=g)
-    assert torch.allclose(cv.mse_loss(f2, t2), 0.5 * ((f2 - t2) ** 2).sum(1).mean())
+def test_the_package_exports_its_api_and_the_losses_of_lnsgd_losses():
+    import lnsgd.losses
 
-
-def test_loss_helpers_reject_bad_input():
-    with pytest.raises(LnsgdError, match="p must be"):
-        cv.smoothed_cross_entropy(1.5, 10)
-    with pytest.raises(LnsgdError, match="num_classes"):
-        cv.smoothed_cross_entropy(0.2, 1)
-    with pytest.raises(LnsgdError, match="shape"):
-        cv.smoothed_cross_entropy(0.2, 10)(torch.zeros(3, 4), torch.zeros(3, dtype=torch.long))
-    with pytest.raises(LnsgdError, match="mse_loss"):
-        cv.mse_loss(torch.zeros(3, 2), torch.zeros(3))
+    assert sorted(cv.__all__) == sorted([
+        "CrossEntropyLoss", "HessianOperator", "LanczosResult", "MSELoss", "REstimate", "RUndefinedError", "R_exact",
+        "SplitTraceEstimate", "SmoothedCrossEntropy", "TraceEstimate", "choose_trace", "cross_entropy_loss",
+        "dense_hessian", "estimate_R", "estimate_trace", "evaluation_mode", "exact_trace_gauss_newton", "flatten_params",
+        "hessian_matvec", "lanczos", "mse_loss", "residual_matvec", "ritz_pairs", "smoothed_cross_entropy",
+        "spectral_density", "split_trace", "top_eigenvalues", "trace_gauss_newton", "trace_hessian", "uncompiled",
+    ])  # fmt: skip
+    homes = {f"lnsgd.curvature.{m}" for m in ("operators", "trace", "lanczos", "regularizer", "gauss_newton")}
+    for name in cv.__all__:  # each defined in the module that owns its job (the losses in lnsgd.losses)
+        assert getattr(cv, name).__module__ in homes | {"lnsgd.losses"}, name
+    for name in ("CrossEntropyLoss", "MSELoss", "SmoothedCrossEntropy", "cross_entropy_loss", "mse_loss", "smoothed_cross_entropy"):
+        assert getattr(cv, name) is getattr(lnsgd.losses, name), name
 
 
 # --------------------------------------------------------------------------- operator
 
 
 @pytest.mark.parametrize("norm", ["none", "groupnorm", "batchnorm"])
-def test_hessian_matvec_in_chunks_equals_dense_hessian(norm):
+def test_hessian_matvec_in_chunks_and_dense_hessian_equal_the_autograd_hessian(norm):
     g = gen(3)
     model = init_(mlp(d=5, h=6, norm=norm), g)
     if norm == "batchnorm":
@@ -143,7 +153,9 @@ def test_hessian_matvec_in_chunks_equals_dense_hessian(norm):
     x, y = teacher_data(23, 5, 3, "cross_entropy", g)
     model.train()  # the operator must measure in eval mode and put this back
     buffers = [b.clone() for b in model.buffers()]
-    H = cv.dense_hessian(model, cv.cross_entropy_loss, x, y)
+    H = reference_hessian(model, cv.cross_entropy_loss, x, y)
+    # lnsgd's own dense Hessian (torch.func, reverse over reverse) is checked here once.
+    torch.testing.assert_close(cv.dense_hessian(model, cv.cross_entropy_loss, x, y), H, rtol=0, atol=1e-12)
     op, dim = cv.hessian_matvec(model, cv.cross_entropy_loss, x, y, chunk_size=7)
     assert dim == sum(p.numel() for p in model.parameters()) == H.shape[0]
     assert torch.allclose(H, H.T, atol=1e-12)
@@ -162,10 +174,10 @@ def test_cached_graph_is_rebuilt_after_an_in_place_update():
     op, dim = cv.hessian_matvec(model, cv.cross_entropy_loss, x, y)  # one chunk: cached
     assert op.cache_graph
     v = torch.randn(dim, generator=g, dtype=torch.float64)
-    torch.testing.assert_close(op(v), cv.dense_hessian(model, cv.cross_entropy_loss, x, y) @ v, rtol=0, atol=1e-12)
+    torch.testing.assert_close(op(v), reference_hessian(model, cv.cross_entropy_loss, x, y) @ v, rtol=0, atol=1e-12)
     with torch.no_grad():
         model[0].weight.mul_(1.5)  # what an optimizer step does
-    torch.testing.assert_close(op(v), cv.dense_hessian(model, cv.cross_entropy_loss, x, y) @ v, rtol=0, atol=1e-12)
+    torch.testing.assert_close(op(v), reference_hessian(model, cv.cross_entropy_loss, x, y) @ v, rtol=0, atol=1e-12)
 
 
 def test_compiled_models_are_measured_through_their_eager_module():
@@ -175,7 +187,7 @@ def test_compiled_models_are_measured_through_their_eager_module():
     compiled = torch.compile(model, backend="aot_eager")  # no double backward through this
     op, dim = cv.hessian_matvec(compiled, cv.cross_entropy_loss, x, y)
     v = torch.randn(dim, generator=g, dtype=torch.float64)
-    torch.testing.assert_close(op(v), cv.dense_hessian(model, cv.cross_entropy_loss, x, y) @ v, rtol=0, atol=1e-12)
+    torch.testing.assert_close(op(v), reference_hessian(model, cv.cross_entropy_loss, x, y) @ v, rtol=0, atol=1e-12)
 
 
 def test_hessian_matvec_matches_a_hand_computed_hessian():
@@ -198,8 +210,9 @@ def test_hessian_operator_converts_dtype_and_respects_frozen_parameters():
     assert cv.flatten_params(model).shape == (dim,)
     v = torch.randn(dim, generator=g)
     assert op(v).dtype == torch.float32  # answered in the caller's dtype
+    H = reference_hessian(model, cv.cross_entropy_loss, x, y)  # over the trainable parameters only
     with torch.no_grad():  # works even when the caller disabled autograd
-        torch.testing.assert_close(op(v.double()), cv.dense_hessian(model, cv.cross_entropy_loss, x, y) @ v.double())
+        torch.testing.assert_close(op(v.double()), H @ v.double())
 
 
 def test_models_with_dropout_are_refused():
@@ -329,8 +342,9 @@ def test_R_exact_closed_form_limits_and_momentum():
     assert cv.R_exact(lam, eta) == pytest.approx(by_hand, rel=1e-14)
     # η → 0: R → tr∇²L / 4.
     assert cv.R_exact(lam, 1e-8) == pytest.approx(float(lam.sum()) / 4, rel=1e-6)
-    # Momentum β acts as η/(1+β) in R: −(1+β)/(2η)·tr log(I − η/(2(1+β))·H).
-    assert cv.R_exact(lam, 0.9, momentum=0.8) == pytest.approx(cv.R_exact(lam, 0.5), rel=1e-14)
+    # Momentum β: −(1+β)/(2η)·tr log(I − η/(2(1+β))·H), by hand (β = 0.8 makes η = 0.9 act as 0.5).
+    with_momentum = -(1 + 0.8) / (2 * 0.9) * sum(torch.log(1 - 0.9 / (2 * (1 + 0.8)) * lam)).item()
+    assert cv.R_exact(lam, 0.9, momentum=0.8) == pytest.approx(with_momentum, rel=1e-14)
     with pytest.raises(cv.RUndefinedError, match="undefined"):
         cv.R_exact(lam, 2 / 3.0)
 
@@ -489,7 +503,7 @@ def test_exact_trace_gauss_newton_equals_the_dense_gauss_newton_trace(arch, loss
     kind = "mse" if loss == "mse" else "cross_entropy"
     y = torch.randn(25, 3, generator=g, dtype=torch.float64) if kind == "mse" else torch.randint(0, 3, (25,), generator=g)
     loss_fn = {"cross_entropy": cv.cross_entropy_loss, "smoothed": cv.smoothed_cross_entropy(0.2, 3), "mse": cv.mse_loss}[loss]
-    # On a copy: functional_call corrupts a model with tied parameters (see curvature.py).
+    # On a copy: functional_call corrupts a model with tied parameters (see lnsgd/curvature/gauss_newton.py).
     exact = dense_gauss_newton_trace(copy.deepcopy(model), x, kind)
     for chunk_size in (25, 7):
         est = cv.exact_trace_gauss_newton(model, loss_fn, x, y, chunk_size=chunk_size)
@@ -585,7 +599,7 @@ def test_exact_trace_gauss_newton_of_a_conv_net_takes_no_per_example_jacobians(m
     def refuse(*args, **kwargs):
         raise AssertionError("per-example Jacobians were taken")
 
-    monkeypatch.setattr(cv, "_rest_grams", refuse)
+    monkeypatch.setattr(gauss_newton, "_rest_grams", refuse)
     assert cv.exact_trace_gauss_newton(model, cv.cross_entropy_loss, x, y).value == pytest.approx(exact, rel=1e-10)
 
 
@@ -610,7 +624,7 @@ def test_residual_operator_is_the_hessian_minus_the_gauss_newton_matrix(norm):
     model = init_(mlp(d=5, h=6, norm=norm), g, scale=1.5)
     x, y = teacher_data(20, 5, 3, "cross_entropy", g)
     loss_fn = cv.smoothed_cross_entropy(0.3, 3)
-    H = cv.dense_hessian(model, loss_fn, x, y)
+    H = reference_hessian(model, loss_fn, x, y)
     G = dense_gauss_newton(model, x, "cross_entropy")
     op, dim = cv.residual_matvec(model, loss_fn, x, y, chunk_size=6)
     A = torch.stack([op(e) for e in torch.eye(dim, dtype=torch.float64)], 1)
@@ -628,7 +642,7 @@ def test_relu_networks_have_a_hessian_trace_equal_to_the_gauss_newton_trace():
     loss_fn = cv.smoothed_cross_entropy(0.2, 3)
     for norm, zero in (("none", True), ("batchnorm", True), ("groupnorm", False)):
         model = warm_batchnorm(init_(relu_cnn(norm), g, scale=1.5), x)
-        H = cv.dense_hessian(model, loss_fn, x, y)
+        H = reference_hessian(model, loss_fn, x, y)
         residual = float(torch.trace(H)) - cv.exact_trace_gauss_newton(model, loss_fn, x, y).value
         assert (abs(residual) < 1e-10 * float(torch.trace(H)).__abs__()) == zero, (norm, residual)
 
@@ -645,7 +659,7 @@ def fitted_relu():
     loss_fn = cv.smoothed_cross_entropy(0.2, 3)
     fit(model, loss_fn, x, y, steps=400)
     assert (model(x).argmax(1) == y).all()
-    return model.eval(), x, y, loss_fn, cv.dense_hessian(model, loss_fn, x, y)
+    return model.eval(), x, y, loss_fn, reference_hessian(model, loss_fn, x, y)
 
 
 def test_trace_hessian_is_more_accurate_than_hutchinson_at_a_minimizer(fitted_relu):
@@ -656,7 +670,10 @@ def test_trace_hessian_is_more_accurate_than_hutchinson_at_a_minimizer(fitted_re
     rms = lambda errs: (sum(e * e for e in errs) / len(errs)) ** 0.5  # noqa: E731
     split_rms = rms([s.value - exact for s in split])
     assert all(s.method == "split" and s.num_matvecs == 40 for s in split)
-    assert all(s.trace_gn == pytest.approx(split[0].trace_gn, rel=1e-12) for s in split)  # deterministic part
+    # The parts against dense references: tr G exactly; the residual's true trace is 0 (ReLU).
+    trace_gn = dense_gauss_newton_trace(model, x, "cross_entropy")
+    assert all(s.trace_gn == pytest.approx(trace_gn, rel=1e-10) for s in split)
+    assert all(abs(s.residual - (exact - trace_gn)) < 4 * s.stderr for s in split)
     assert split_rms < 0.001 * exact
     # 40 residual products (+ tr G, cheaper than 20 HVPs here) against 60 HVPs:
     # measured 0.009% against 4.7%.
@@ -671,7 +688,7 @@ def test_trace_hessian_is_within_one_percent_where_the_residual_is_real():
     x, y = teacher_data(96, 6, 3, "cross_entropy", g)
     fit(model, cv.cross_entropy_loss, x, y, steps=100)
     loss_fn = cv.smoothed_cross_entropy(0.2, 3)
-    exact = float(torch.trace(cv.dense_hessian(model, loss_fn, x, y)))
+    exact = float(torch.trace(reference_hessian(model, loss_fn, x, y)))
     errors = [abs(cv.trace_hessian(model, loss_fn, x, y, 100, gen(s), method="split").value - exact) / abs(exact) for s in range(5)]
     assert statistics.median(errors) < 0.01, errors
 
@@ -685,14 +702,24 @@ def test_choose_trace_probes_the_less_noisy_operator_and_stays_unbiased():
     G = B @ B.T / 40
     noise = torch.randn(n, n, generator=g, dtype=torch.float64)
     noise = (noise + noise.T) / 2
+    def probe_variance(M):  # Var zᵀMz over Rademacher z = 2·Σ_{i≠j} M_ij² (M symmetric)
+        return 2 * float(M.pow(2).sum() - M.diagonal().pow(2).sum())
+
     for R, expected in ((0.02 * noise, "auto:split"), (-G + 0.05 * noise + 3.0 * torch.eye(n, dtype=torch.float64), "auto:hessian")):
         A = G + R
         exact = float(torch.trace(A))
+        # The construction decides: the chosen operator's zᵀMz is the far quieter one.
+        quiet, loud = (R, A) if expected == "auto:split" else (A, R)
+        assert probe_variance(quiet) * 10 < probe_variance(loud)
         runs = [cv.choose_trace(A, R, n, float(torch.trace(G)), 100, gen(s)) for s in range(30)]
         assert all(r.num_matvecs <= 100 for r in runs)
         # The pilot (4 probes of each) compares noisy variances: rarely, it picks wrong.
         assert sum(r.method == expected for r in runs) >= 27, [r.method for r in runs]
-        assert all(r.value == pytest.approx(r.trace_gn + r.residual, rel=1e-12) for r in runs)
+        # The parts against the dense references: tr G is carried exactly, the residual estimates tr R.
+        assert all(r.trace_gn == float(torch.trace(G)) for r in runs)
+        residual_mean = statistics.mean(r.residual for r in runs)
+        residual_spread = statistics.stdev(r.residual for r in runs) / len(runs) ** 0.5
+        assert abs(residual_mean - float(torch.trace(R))) < 4 * residual_spread + 1e-9 * abs(exact)
         mean = statistics.mean(r.value for r in runs)
         spread = statistics.stdev(r.value for r in runs) / len(runs) ** 0.5
         assert abs(mean - exact) < 4 * spread + 1e-9 * abs(exact), (expected, mean, exact, spread)
@@ -721,7 +748,7 @@ def test_spectral_density_is_a_probability_measure_on_the_spectrum(tmp_path):
     # Gauss quadrature with 20 nodes is exact for polynomials of degree < 40, so the
     # density's moments are those of the probes: Σ w·θᵏ = mean over probes of zᵀAᵏz / dim.
     g = gen(0)
-    Z = torch.stack([cv._rademacher((300,), g, torch.float64, "cpu") for _ in range(4)], dim=1)
+    Z = torch.stack([rademacher((300,), g, torch.float64, "cpu") for _ in range(4)], dim=1)
     for k in (1, 2, 5):
         moment = float((Z * (torch.linalg.matrix_power(A, k) @ Z)).sum() / (4 * 300))
         assert float((weights * nodes**k).sum()) == pytest.approx(moment, rel=1e-8)

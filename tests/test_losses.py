@@ -18,6 +18,7 @@ from lnsgd.losses import (
     expected_loss,
     expected_loss_minimum,
     mse_loss,
+    smoothed_cross_entropy,
     training_loss,
 )
 
@@ -121,3 +122,37 @@ def test_mse_expected_loss_floor_is_its_offset():
     eps = sigma * torch.randn(200_000, k, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
     assert (0.5 * eps.pow(2).sum(1)).mean().item() == pytest.approx(minimum, rel=0.01)
     assert loss(y + 0.1, y).item() > minimum
+
+
+def test_losses_carry_their_kind_and_match_torch():
+    g = torch.Generator().manual_seed(2)
+    logits = torch.randn(7, 4, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 4, (7,), generator=g)
+    assert cross_entropy_loss.kind == "cross_entropy"
+    assert mse_loss.kind == "mse"
+    assert torch.allclose(cross_entropy_loss(logits, y), F.cross_entropy(logits, y))
+    # Smoothed CE = CE against soft targets (1-p on y, p/(C-1) elsewhere).
+    p = 0.2
+    soft = torch.full((7, 4), p / 3, dtype=torch.float64)
+    soft[torch.arange(7), y] = 1 - p
+    smoothed = smoothed_cross_entropy(p, 4)
+    assert smoothed.kind == "cross_entropy"
+    assert torch.allclose(smoothed(logits, y), F.cross_entropy(logits, soft))
+    assert torch.allclose(smoothed_cross_entropy(0.0, 4)(logits, y), F.cross_entropy(logits, y))
+    # MSE: ½‖f−y‖² per example, mean over examples; (n,1) outputs squeeze to 1-D targets.
+    f = torch.randn(7, 1, generator=g, dtype=torch.float64)
+    t = torch.randn(7, generator=g, dtype=torch.float64)
+    assert torch.allclose(mse_loss(f, t), 0.5 * ((f.squeeze(1) - t) ** 2).mean())
+    f2, t2 = torch.randn(7, 3, generator=g), torch.randn(7, 3, generator=g)
+    assert torch.allclose(mse_loss(f2, t2), 0.5 * ((f2 - t2) ** 2).sum(1).mean())
+
+
+def test_loss_helpers_reject_bad_input():
+    with pytest.raises(LnsgdError, match="p must be"):
+        smoothed_cross_entropy(1.5, 10)
+    with pytest.raises(LnsgdError, match="num_classes"):
+        smoothed_cross_entropy(0.2, 1)
+    with pytest.raises(LnsgdError, match="shape"):
+        smoothed_cross_entropy(0.2, 10)(torch.zeros(3, 4), torch.zeros(3, dtype=torch.long))
+    with pytest.raises(LnsgdError, match="mse_loss"):
+        mse_loss(torch.zeros(3, 2), torch.zeros(3))

@@ -1,4 +1,4 @@
-"""lnsgd.plot against synthetic run folders written into tmp_path."""
+"""lnsgd.report against synthetic run folders written into tmp_path."""
 
 import csv
 import json
@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from lnsgd.errors import LnsgdError
-from lnsgd.plot import (
+from lnsgd.report import (
     Run,
     compare_runs,
     compare_table,

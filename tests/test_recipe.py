@@ -172,3 +172,48 @@ def test_validate_bad_input_one_line(cli, write_recipe, tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("optim: [unclosed\n")
     assert "not valid YAML" in one_line_error(cli("validate", bad))
+
+
+def _leaf_fields(model, prefix=""):
+    """(dotted key, FieldInfo) of every leaf field, walking the pydantic classes themselves:
+    a field whose annotation is (or is Optional of) a model is a section, not a leaf."""
+    from typing import get_args
+
+    from pydantic import BaseModel
+
+    for name, info in model.model_fields.items():
+        section = next((a for a in (info.annotation, *get_args(info.annotation)) if isinstance(a, type) and issubclass(a, BaseModel)), None)
+        if section is None:
+            yield f"{prefix}{name}", info
+        else:
+            yield from _leaf_fields(section, f"{prefix}{name}.")
+
+
+def test_fields_lists_every_leaf_with_type_default_and_description(cli, write_recipe):
+    import json
+
+    from lnsgd.recipe import field_help
+
+    rows = {key: (default, meaning) for key, default, meaning in field_help()}
+    leaves = dict(_leaf_fields(Recipe))
+    # The optional section (null unless set) used to hide its fields.
+    assert {"track.sharpness.rtol", "track.sharpness.examples", "track.sharpness.trace_method"} <= leaves.keys()
+    assert sorted(leaves.keys() - rows.keys()) == []
+    assert rows.keys() - leaves.keys() == {"track.sharpness"}  # its own row says it is off by default
+    assert rows["track.sharpness"] == ("null", "mapping | null · periodic curvature measurements; null: none")
+    for key, info in leaves.items():
+        default, meaning = rows[key]
+        assert info.description and meaning.endswith(" · " + info.description), key
+        assert json.loads(default) == json.loads(json.dumps(info.default)), key
+    # Types, written by hand from the field declarations.
+    assert rows["track.sharpness.rtol"][1].startswith("float in (0, 1) | null · ")
+    assert rows["track.sharpness.examples"] == ("1000", "int ≥ 1 · first N training examples used for the Hessian")
+    assert rows["track.sharpness.measures"][0] == '["trace"]'
+    assert rows["track.sharpness.measures"][1].startswith("list of {trace, lambda_max, trace_gn, R} · ")
+    assert rows["optim.lr"] == ("0.1", "float > 0 · learning rate η")
+    assert rows["noise.p"][1].startswith("float in [0, 1) · ")
+    assert rows["log.wandb.tags"] == ("[]", "list of str · wandb tags")
+
+    out = cli("validate", write_recipe(), "--fields").output
+    assert "track.sharpness.rtol" in out and "track.sharpness.examples" in out
+    assert "float in (0, 1) | null" in out  # rich markup must not swallow the type

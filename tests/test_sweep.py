@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import threading
 import time
 from pathlib import Path
 
@@ -19,6 +18,7 @@ from lnsgd.cli_sweep import register
 from lnsgd.recipe import load_recipe, recipe_to_dict
 from lnsgd.sweep import (
     Axis,
+    ProcessExecutor,
     expand,
     parse_grid_option,
     plan_sweep,
@@ -38,9 +38,6 @@ if not any(c.name in ("sweep", "sweep-status") for c in app.registered_commands)
 SPECS = sorted((Path(__file__).parent.parent / "recipes" / "sweeps").glob("*.sweep"))
 GRID = ["--grid", "optim.lr=0.05,0.1", "--grid", "seed=0,1"]
 IDS = ["lr=0.05,seed=0", "lr=0.05,seed=1", "lr=0.1,seed=0", "lr=0.1,seed=1"]
-
-
-
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -125,8 +122,6 @@ def test_plan_validates_every_point_and_sets_name_group_and_tags(tmp_path):
 
 def test_runs_are_pinned_round_robin_to_the_least_busy_gpu():
     from types import SimpleNamespace
-
-    from lnsgd.sweep import ProcessExecutor
 
     ex = ProcessExecutor(jobs=3, gpus=["2", "5"])
     running = {}
@@ -292,7 +287,7 @@ def test_a_run_folder_is_not_taken_for_a_sweep(tmp_path):
 # --------------------------------------------------------------------------- interruption and exact continuation
 
 
-# Long enough that the watcher's signal lands mid-run (60 epochs of this model take 1 s with the current step).
+# Long enough that a run is still training when the tests below stop it (60 epochs of this model take 1 s).
 LONG_EPOCHS = 400
 LONG = {"train": {"epochs": LONG_EPOCHS, "checkpoint_every": 1000}}  # last.pt only when stopped (or at the end)
 
@@ -306,6 +301,21 @@ def long_reference(tmp_path_factory):
     return root / "ref"
 
 
+def on_sweep_event(monkeypatch, hook):
+    """Call ``hook(kind, point id, info)`` after each event the process executor reports: in the
+    sweep's main thread, inside its loop, while its signal handlers are in place."""
+    run = ProcessExecutor.run
+
+    def run_with_hook(self, plan, tasks, update, event):
+        def event_then_hook(kind, pid, info):
+            event(kind, pid, info)
+            hook(kind, pid, info)
+
+        return run(self, plan, tasks, update, event_then_hook)
+
+    monkeypatch.setattr(ProcessExecutor, "run", run_with_hook)
+
+
 def _when(condition, timeout=120.0):
     deadline = time.time() + timeout
     while time.time() < deadline:
@@ -315,26 +325,23 @@ def _when(condition, timeout=120.0):
     return False
 
 
-def test_interrupted_sweep_continues_exactly_and_a_failed_run_does_not_stop_the_others(tmp_path, long_reference):
+def test_interrupted_sweep_continues_exactly_and_a_failed_run_does_not_stop_the_others(tmp_path, long_reference, monkeypatch):
     recipe = write_tiny(tmp_path, LONG)
     # Two points at once: one trains for a while, the other fails at once (batch larger than the data).
     args = ("sweep", recipe, "--grid", "optim.batch_size=32,500", "--grid", "seed=0", "--jobs", "2")
     sweep_dir = tmp_path / "runs" / "tiny"
     long_run = sweep_dir / "batch_size=32,seed=0"
 
-    def stop_when_training():  # Ctrl-C to the sweep after the failure and a few epochs of the long run
-        def ready():
-            points = {p["id"]: p for p in read_sweep(sweep_dir)["points"]} if (sweep_dir / "sweep.json").exists() else {}
-            failed = points.get("batch_size=500,seed=0", {}).get("status") == "failed"
-            return failed and len(read_jsonl(long_run / "metrics.jsonl")) >= 3
-
-        if _when(ready):
+    def stop_when_training(kind, pid, info):  # Ctrl-C to the sweep after the failure and a few epochs of the long run
+        if (kind, pid) == ("finished", "batch_size=500,seed=0"):
+            assert info["status"] == "failed" and read_sweep(sweep_dir)["points"][1]["status"] == "failed"
+            # The long run only gets further while we wait: the signal comes from this thread, mid-sweep.
+            assert _when(lambda: len(read_jsonl(long_run / "metrics.jsonl")) >= 3), "the long run never started training"
             os.kill(os.getpid(), signal.SIGINT)
 
-    watcher = threading.Thread(target=stop_when_training)
-    watcher.start()
-    res = invoke(*args)
-    watcher.join()
+    with monkeypatch.context() as m:
+        on_sweep_event(m, stop_when_training)
+        res = invoke(*args)
     assert res.exit_code == 130, res.output
     assert "continue with: lnsgd sweep" in res.output and "--grid optim.batch_size=32,500" in res.output
     points = {p["id"]: p for p in read_sweep(sweep_dir)["points"]}
@@ -355,7 +362,7 @@ def test_interrupted_sweep_continues_exactly_and_a_failed_run_does_not_stop_the_
     assert strip_timing(ref_rows) == strip_timing(rows)
 
 
-def test_submitit_job_checkpoints_on_preemption_and_the_requeued_job_resumes_exactly(tmp_path, long_reference):
+def test_submitit_job_checkpoints_on_preemption_and_the_requeued_job_resumes_exactly(tmp_path, long_reference, monkeypatch):
     submitit = pytest.importorskip("submitit")
     from lnsgd.sweep import PointJob
 
@@ -371,11 +378,18 @@ def test_submitit_job_checkpoints_on_preemption_and_the_requeued_job_resumes_exa
         requeued.append(job.checkpoint())
         raise Requeued
 
+    def preempt_at_epoch_3(recipe):  # stands in for lnsgd.sharpness.training_hook: called at each evaluation, in the loop
+        def hook(model, data, phase, epoch):
+            if epoch == 3:
+                os.kill(os.getpid(), signal.SIGUSR2)  # from the training loop itself: it is mid-run, by construction
+            return {}
+
+        return hook
+
     old = signal.signal(signal.SIGUSR2, submitit_handler)
     try:
-        threading.Thread(target=lambda: _when(lambda: len(read_jsonl(tmp_path / "run/metrics.jsonl")) >= 3)
-                         and os.kill(os.getpid(), signal.SIGUSR2)).start()  # fmt: skip
-        with pytest.raises(Requeued):
+        with monkeypatch.context() as m, pytest.raises(Requeued):
+            m.setattr("lnsgd.sharpness.training_hook", preempt_at_epoch_3)
             job()
     finally:
         signal.signal(signal.SIGUSR2, old)

@@ -19,6 +19,7 @@ import torch
 from torch.autograd.functional import hessian, jacobian
 from torch.func import functional_call
 
+from lnsgd.curvature.regularizer import RUndefinedError, regularizer
 from lnsgd.errors import DivergedError, LnsgdError
 from lnsgd.models import QuadraticModel, TwoLayer
 from lnsgd.recipe import load_recipe, recipe_from_dict
@@ -26,12 +27,10 @@ from lnsgd.theory import (
     ExplicitModel,
     Problem,
     QuadraticExplicit,
-    RegularizerUndefined,
     check_theory_recipe,
     explicit_model,
     flat_parameters,
     minibatch_noise_ratio,
-    regularizer,
     regularizer_derivative,
     regularizer_grad_matrix,
     run_theory,
@@ -115,7 +114,7 @@ def test_R_is_minus_logdet_on_a_fixed_matrix(momentum):
 def test_R_is_undefined_past_the_edge_of_stability():
     A, eta = spd(5, top=3.0), 0.7  # η·λ_max = 2.1 > 2
     assert math.isnan(regularizer(torch.linalg.eigvalsh(A), eta).item())
-    with pytest.raises(RegularizerUndefined, match="λ_max"):
+    with pytest.raises(RUndefinedError, match="λ_max"):
         regularizer_grad_matrix(A, eta)
     # heavy-ball momentum widens the bound to 2(1+β)/η
     assert math.isfinite(regularizer(torch.linalg.eigvalsh(A), eta, momentum=0.5).item())
