@@ -5,7 +5,7 @@
 The model is the demo's CNN (``model.name=cnn``, default width) on mnist1d-shaped inputs
 (1 × 40, 10 classes). The bare loop is what one writes by hand: index a tensor with the
 permutation, flip labels with ``torch.rand``/``torch.randint``, ``loss.backward()``,
-``torch.optim.SGD.step()``. lnsgd's side is ``lnsgd.step.TrainStep`` with ``compile: off``
+``torch.optim.SGD.step()``. lnsgd's side is ``lnsgd.train.step.TrainStep`` with ``compile: off``
 (gather, noise from the epoch's pre-drawn row, torch.func gradient, gradient norm,
 accumulators, update). Prints the median seconds per step of each over ``--repeats``
 alternating rounds, and their ratio (target: lnsgd ≤ 1.10 × bare).
@@ -34,10 +34,10 @@ def main() -> None:
     from lnsgd.data import Data
     from lnsgd.losses import clean_loss
     from lnsgd.models import DataSpec, build_model
-    from lnsgd.optim import SGD
     from lnsgd.recipe import ModelConfig, NoiseConfig
-    from lnsgd.step import TrainStep
-    from lnsgd.train import plain_train_set
+    from lnsgd.train.loop import plain_train_set
+    from lnsgd.train.optim import SGD
+    from lnsgd.train.step import TrainStep
 
     n, B, p = 4000, args.batch_size, 0.2
     g = torch.Generator().manual_seed(0)

@@ -4,7 +4,7 @@
         --train-images 256 --examples 16 --hvps 12        # this CPU: full-width ResNet18, small N
 
 Both sides run on random CIFAR-shaped data in one process: an epoch of ``--train-images``
-images through ``lnsgd.step.TrainStep`` at the recipe's batch size, precision and compile
+images through ``lnsgd.train.step.TrainStep`` at the recipe's batch size, precision and compile
 mode, and ``measure_sharpness`` at the recipe's ``track.sharpness`` settings, except
 ``--examples``/``--hvps``. A measurement has a part that grows with the examples (every
 product is a pass over them) and a part that does not (Lanczos' re-orthogonalization,
@@ -37,14 +37,13 @@ def main() -> None:
 
     from lnsgd.data import Data
     from lnsgd.losses import clean_loss
-    from lnsgd.sharpness import measured_loss
     from lnsgd.models import DataSpec
-    from lnsgd.optim import build_optimizer
     from lnsgd.recipe import load_recipe
     from lnsgd.runtime import backend_settings, resolve_device
-    from lnsgd.sharpness import measure_sharpness
-    from lnsgd.step import TrainStep
-    from lnsgd.train import make_model, plain_train_set
+    from lnsgd.sharpness import measure_sharpness, measured_loss
+    from lnsgd.train.loop import make_model, plain_train_set
+    from lnsgd.train.optim import build_optimizer
+    from lnsgd.train.step import TrainStep
 
     recipe = load_recipe(args.recipe, [*args.overrides, "init.checkpoint=null"])
     cfg = recipe.track.sharpness

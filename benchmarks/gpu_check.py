@@ -154,7 +154,7 @@ def check_sweep(device, tiny: bool, root: Path) -> dict:
 
     recipe.write_text(yaml.safe_dump(_recipe(device, tiny, log={"dir": str(root / "runs")}, train={"epochs": 2})))
     t = time.perf_counter()
-    command = [sys.executable, "-m", "lnsgd.cli", "sweep", str(recipe), "--grid", "seed=0,1", "--jobs", "2", "--name", "shared"]
+    command = [sys.executable, "-m", "lnsgd", "sweep", str(recipe), "--grid", "seed=0,1", "--jobs", "2", "--name", "shared"]
     proc = subprocess.run(command, capture_output=True, text=True, timeout=300)
     done = [p for p in (root / "runs" / "shared").glob("*/summary.json")]
     return {"exit_code": proc.returncode, "runs_finished": len(done), "seconds": time.perf_counter() - t,

@@ -22,7 +22,7 @@ from torch import nn
 from lnsgd.errors import LnsgdError
 from lnsgd.models import DataSpec, build_model
 from lnsgd.recipe import ModelConfig
-from lnsgd.step import autocast_for, check_compile_mode, tf32_allowed
+from lnsgd.train.step import autocast_for, check_compile_mode, tf32_allowed
 
 CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
 
@@ -145,13 +145,14 @@ def reference_pipeline(cfg: BenchConfig, images, labels, test_images, test_label
 
 
 def lnsgd_pipeline(cfg: BenchConfig, images, labels, test_images, test_labels, device: torch.device) -> dict:
-    """Images/s of lnsgd's own training step (``lnsgd.step.TrainStep``, as ``lnsgd train`` runs it) and one epoch + test evaluation."""
+    """Images/s of lnsgd's own training step (``lnsgd.train.step.TrainStep``, as ``lnsgd train``
+    runs it) and one epoch + test evaluation."""
     from lnsgd.data import Data
     from lnsgd.losses import clean_loss
-    from lnsgd.optim import SGD
     from lnsgd.recipe import NoiseConfig
-    from lnsgd.step import TrainStep
-    from lnsgd.train import evaluate, plain_train_set
+    from lnsgd.train.loop import evaluate, plain_train_set
+    from lnsgd.train.optim import SGD
+    from lnsgd.train.step import TrainStep
 
     as_images = lambda a: torch.as_tensor(a).permute(0, 3, 1, 2).contiguous().to(device)  # noqa: E731 - uint8 on the device
     mean = torch.tensor(CIFAR_MEAN, device=device).view(3, 1, 1) * 255

@@ -273,3 +273,10 @@ def crop_flip(x: torch.Tensor, generator: torch.Generator, padding: int = 4) -> 
     _check_images(x)
     top, left, flip = crop_flip_params(x.shape[0], generator, padding, x.device)
     return crop_flip_at(x, top, left, flip, padding)
+
+
+def model_targets(data: Data, labels: torch.Tensor, loss: str) -> torch.Tensor:
+    """What the loss compares outputs with: labels for cross-entropy; one-hot or raw targets for mse."""
+    if loss == "mse" and data.is_classification:
+        return F.one_hot(labels, data.num_classes).to(torch.float32)
+    return labels

@@ -16,10 +16,11 @@ from __future__ import annotations
 
 import torch
 
-from lnsgd.data import Data
+from lnsgd.data import Data, model_targets
 from lnsgd.errors import LnsgdError
 from lnsgd.recipe import Recipe, with_overrides
-from lnsgd.train import Phase, TrainSet, model_targets
+from lnsgd.train import Phase
+from lnsgd.train.step import TrainSet
 
 _P = 2_147_483_647  # 2^31 − 1: products of two values below it fit in int64
 _ROUNDS = ((1_103_515_245, 12_345), (69_069, 1), (1_664_525, 1_013_904_223), (22_695_477, 1))

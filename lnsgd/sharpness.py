@@ -29,13 +29,12 @@ from torch import Tensor, nn
 from lnsgd import curvature
 from lnsgd.curvature.operators import check_int
 from lnsgd.curvature.regularizer import deflation_run_length, eta_bound, regularizer_scale
-from lnsgd.data import Data
+from lnsgd.data import Data, model_targets
 from lnsgd.errors import LnsgdError
 from lnsgd.losses import clean_loss, expected_loss
 from lnsgd.recipe import Recipe
 from lnsgd.runtime import stream_seed
-from lnsgd.step import tf32_allowed
-from lnsgd.train import model_targets
+from lnsgd.train.step import tf32_allowed
 
 MEASURES = ("trace", "lambda_max", "trace_gn", "R")
 TRACE_METHODS = ("auto", "split", "xtrace", "hutchpp", "hutchinson")
@@ -147,7 +146,7 @@ def _measure_sharpness(
     if rtol is not None and not (isinstance(rtol, (int, float)) and 0 < rtol < 1):
         raise LnsgdError(f"rtol must be a number between 0 and 1 (e.g. 0.02 for 2%); got {rtol!r}")
 
-    model = _measurable(curvature.uncompiled(model))
+    model = _measurable(model)
     started = time.perf_counter()
     op, dim = curvature.hessian_matvec(model, loss_fn, inputs, targets, chunk_size)
     eigen_iters = deflation_run_length(hvps, dim) if "R" in measures else _lanczos_length(hvps, top_k, dim)

@@ -74,7 +74,7 @@ from lnsgd.noise import apply_noise
 from lnsgd.recipe import Recipe, lambda_eff, recipe_to_dict, recipe_to_yaml
 from lnsgd.runtime import backend_settings, claim_folder, environment_info, refuse_existing, resolve_device, stream_seed
 from lnsgd.track import MetricsSink, Progress, read_jsonl
-from lnsgd.train import make_model
+from lnsgd.train.loop import make_model
 
 DTYPE = torch.float64
 TRAJECTORIES = ("label_noise", "plain", "phi")

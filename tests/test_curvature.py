@@ -130,7 +130,7 @@ def test_the_package_exports_its_api_and_the_losses_of_lnsgd_losses():
         "SplitTraceEstimate", "SmoothedCrossEntropy", "TraceEstimate", "choose_trace", "cross_entropy_loss",
         "dense_hessian", "estimate_R", "estimate_trace", "evaluation_mode", "exact_trace_gauss_newton", "flatten_params",
         "hessian_matvec", "lanczos", "mse_loss", "residual_matvec", "ritz_pairs", "smoothed_cross_entropy",
-        "spectral_density", "split_trace", "top_eigenvalues", "trace_gauss_newton", "trace_hessian", "uncompiled",
+        "spectral_density", "split_trace", "top_eigenvalues", "trace_gauss_newton", "trace_hessian",
     ])  # fmt: skip
     homes = {f"lnsgd.curvature.{m}" for m in ("operators", "trace", "lanczos", "regularizer", "gauss_newton")}
     for name in cv.__all__:  # each defined in the module that owns its job (the losses in lnsgd.losses)
@@ -814,3 +814,19 @@ def test_measure_sharpness_in_float32_and_through_a_float32_copy_of_bf16(trained
         assert out["sharp/trace_hessian"] == pytest.approx(float(lam.sum()), rel=rel)
         assert out["sharp/lambda_max"] == pytest.approx(float(lam[-1]), rel=rel)
         assert "sharp/R" not in out and "sharp/trace_gn" not in out
+
+
+def test_a_compiled_model_is_measured_through_its_eager_function():
+    # Compiled graphs do not support the double backward every HVP needs; a
+    # torch.compile'd module is measured eagerly (torch.compiler.set_stance), same parameters.
+    g = gen(31)
+    model = init_(mlp(d=5, h=6), g, scale=1.5)
+    x, y = torch.randn(20, 5, generator=g, dtype=torch.float64), torch.randint(0, 3, (20,), generator=g)
+    loss_fn = cv.smoothed_cross_entropy(0.2, 3)
+    H = reference_hessian(model, loss_fn, x, y)
+    compiled = torch.compile(model)
+    op, dim = cv.hessian_matvec(compiled, loss_fn, x, y)
+    v = torch.randn(dim, generator=g, dtype=torch.float64)
+    torch.testing.assert_close(op(v), H @ v, rtol=1e-10, atol=1e-12)
+    exact = dense_gauss_newton_trace(model, x, "cross_entropy")
+    assert cv.exact_trace_gauss_newton(compiled, loss_fn, x, y).value == pytest.approx(exact, rel=1e-10)

@@ -9,10 +9,10 @@ import torch
 from torch import nn
 
 from lnsgd.errors import LnsgdError
-from lnsgd.optim import SGD, Adam
 from lnsgd.recipe import load_recipe
 from lnsgd.track import read_jsonl
 from lnsgd.train import train
+from lnsgd.train.optim import SGD, Adam
 
 from .conftest import interrupt_at_epoch, one_line_error, same_weights, strip_timing, weights
 
@@ -32,8 +32,8 @@ def test_optimizer_updates_match_torch_optim(kind):
     else:
         beta = 0.9 if "momentum" in kind else 0.0
         # "fused": the multi-tensor kernel eager CUDA steps use, here on the CPU.
-        opt, torch_opt = SGD(params, momentum=beta, weight_decay=0.01, fused=kind.endswith("fused")), torch.optim.SGD(ref.parameters(), lr=0.05, momentum=beta,
-                                                                                         weight_decay=0.01)  # fmt: skip
+        opt = SGD(params, momentum=beta, weight_decay=0.01, fused=kind.endswith("fused"))
+        torch_opt = torch.optim.SGD(ref.parameters(), lr=0.05, momentum=beta, weight_decay=0.01)
     lr = torch.tensor(0.05, dtype=torch.float64)
     for _ in range(25):
         loss = nn.functional.cross_entropy(ours(x), y)
@@ -120,18 +120,18 @@ def test_bf16_autocast_trains_close_to_fp32(write_recipe, tmp_path):
 
 def test_resume_reads_the_checkpoint_on_the_cpu(write_recipe, tmp_path, monkeypatch):
     """Generator states must stay CPU ByteTensors: a checkpoint read onto a GPU would hand set_state CUDA tensors."""
-    import lnsgd.train
+    import lnsgd.train.loop
 
     recipe = load_recipe(write_recipe({"train": {"epochs": 1}}))
     train(recipe, tmp_path / "r")
     seen = []
-    real = lnsgd.train.read_checkpoint
+    real = lnsgd.train.loop.read_checkpoint
 
     def spy(path, map_location="cpu"):
         seen.append(map_location)
         return real(path, map_location)
 
-    monkeypatch.setattr(lnsgd.train, "read_checkpoint", spy)
+    monkeypatch.setattr(lnsgd.train.loop, "read_checkpoint", spy)
     train(load_recipe(write_recipe({"train": {"epochs": 2}})), tmp_path / "r", resume=True)
     assert seen and all(isinstance(loc, str) and loc == "cpu" for loc in seen), seen
 
@@ -161,7 +161,7 @@ def test_resume_on_another_device_type_is_refused(write_recipe, tmp_path, cli):
 
 
 def test_out_of_memory_in_a_step_is_one_line_and_keeps_the_checkpoint(write_recipe, tmp_path, cli, monkeypatch):
-    from lnsgd import step
+    from lnsgd.train import step
 
     calls = {"n": 0}
     real = step.TrainStep.step
@@ -189,7 +189,7 @@ def test_every_compile_value_survives_bare_yaml(tmp_path, value):
 
 
 def test_bench_times_the_training_step(cli, tmp_path):
-    """lnsgd bench's own side is lnsgd.step.TrainStep, and explicit flags are honoured on a CPU."""
+    """lnsgd bench's own side is lnsgd.train.step.TrainStep, and explicit flags are honoured on a CPU."""
     if torch.cuda.is_available():
         pytest.skip("the GPU figures come from benchmarks/gpu_check.py")
     out = tmp_path / "bench.json"
@@ -210,7 +210,8 @@ def test_smooth_and_crop_flip_runs_resume_exactly(write_recipe, tmp_path, extra)
 
     from lnsgd.data import load
     from lnsgd.errors import RunInterrupted
-    from lnsgd.train import Phase, plain_train_set
+    from lnsgd.train import Phase
+    from lnsgd.train.loop import plain_train_set
 
     recipe = load_recipe(write_recipe({**extra, "optim": {"momentum": 0.5}, "train": {"epochs": 3}}))
     full = train(recipe, tmp_path / "a")

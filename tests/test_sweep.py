@@ -14,7 +14,6 @@ import torch
 import yaml
 
 from lnsgd.cli import app
-from lnsgd.cli_sweep import register
 from lnsgd.recipe import load_recipe, recipe_to_dict
 from lnsgd.sweep import (
     Axis,
@@ -31,9 +30,6 @@ from lnsgd.track import read_jsonl
 from lnsgd.train import train
 
 from .conftest import TINY, deep_update, one_line_error, same_weights, strip_timing, weights
-
-if not any(c.name in ("sweep", "sweep-status") for c in app.registered_commands):
-    register(app)  # until lnsgd.cli registers the sweep commands itself
 
 SPECS = sorted((Path(__file__).parent.parent / "recipes" / "sweeps").glob("*.sweep"))
 GRID = ["--grid", "optim.lr=0.05,0.1", "--grid", "seed=0,1"]

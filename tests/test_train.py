@@ -16,7 +16,8 @@ import lnsgd
 from lnsgd.errors import RunInterrupted
 from lnsgd.recipe import load_recipe
 from lnsgd.track import read_jsonl
-from lnsgd.train import Phase, plain_train_set, train
+from lnsgd.train import Phase, train
+from lnsgd.train.loop import plain_train_set
 
 from .conftest import interrupt_at_epoch, one_line_error, same_weights, strip_timing, weights
 
@@ -119,7 +120,7 @@ def test_full_batch_step_is_the_exact_gradient(write_recipe, tmp_path):
                                        "train": {"epochs": 1}}))  # fmt: skip
     train(recipe, tmp_path / "fb")
     from lnsgd.data import load
-    from lnsgd.train import make_model
+    from lnsgd.train.loop import make_model
 
     data = load(recipe)
     model = make_model(recipe, data.spec, torch.device("cpu"))

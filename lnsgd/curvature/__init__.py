@@ -46,7 +46,6 @@ from lnsgd.curvature.operators import (
     evaluation_mode,
     flatten_params,
     hessian_matvec,
-    uncompiled,
 )
 from lnsgd.curvature.regularizer import R_exact, REstimate, RUndefinedError, estimate_R
 from lnsgd.curvature.trace import SplitTraceEstimate, TraceEstimate, choose_trace, estimate_trace, split_trace
@@ -89,5 +88,4 @@ __all__ = [
     "top_eigenvalues",
     "trace_gauss_newton",
     "trace_hessian",
-    "uncompiled",
 ]

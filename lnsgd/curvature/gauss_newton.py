@@ -30,7 +30,6 @@ from lnsgd.curvature.operators import (
     resolve_generator,
     to_model,
     trainable_parameters,
-    uncompiled,
 )
 from lnsgd.curvature.trace import SplitTraceEstimate, TraceEstimate, choose_trace, split_trace
 from lnsgd.errors import LnsgdError
@@ -92,7 +91,6 @@ def trace_gauss_newton(
     """
     kind = _loss_kind(loss_fn)
     check_int("num_samples", num_samples, 2)
-    model = uncompiled(model)
     _, params = trainable_parameters(model)
     refuse_dropout(model)
     n = check_data(inputs, targets, chunk_size)
@@ -379,7 +377,6 @@ def exact_trace_gauss_newton(
     for the HVPs.
     """
     kind = _loss_kind(loss_fn)
-    model = uncompiled(model)
     names, params = trainable_parameters(model)
     refuse_dropout(model)
     n = check_data(inputs, targets, chunk_size)
@@ -427,7 +424,6 @@ def residual_matvec(model, loss_fn, inputs, targets, chunk_size: int = 1024) -> 
     network is linear in that layer (ReLU networks without GroupNorm): then its
     trace is exactly 0.
     """
-    model = uncompiled(model)
     _, params = trainable_parameters(model)
     n = check_data(inputs, targets, chunk_size)
     dtype, device = params[0].dtype, params[0].device

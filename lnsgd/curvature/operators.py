@@ -9,7 +9,7 @@ device of the probes and checks every product's shape. The checks, probe
 generators and mean-with-stderr here are shared by all of them.
 
 Models are measured as the loop would evaluate them: through the eager module of
-a ``torch.compile`` wrapper (``uncompiled``), in eval mode (``evaluation_mode``),
+a ``torch.compile`` wrapper, in eval mode (``evaluation_mode``),
 without autocast, and never with active dropout (``refuse_dropout``).
 """
 
@@ -117,16 +117,6 @@ _DROPOUT_TYPES = (
 )
 
 
-def uncompiled(model: nn.Module) -> nn.Module:
-    """The module under a ``torch.compile`` wrapper (same parameters), else ``model``.
-
-    Compiled graphs (aot_autograd) do not support double backward, which every
-    HVP here needs; the eager module computes the same function.
-    """
-    inner = getattr(model, "_orig_mod", None)
-    return inner if isinstance(inner, nn.Module) else model
-
-
 def trainable_parameters(model: nn.Module) -> tuple[list[str], list[nn.Parameter]]:
     """Names and tensors of the parameters with ``requires_grad``, in ``named_parameters()`` order."""
     if not isinstance(model, nn.Module):
@@ -153,11 +143,19 @@ def refuse_dropout(model: nn.Module) -> None:
 
 @contextlib.contextmanager
 def evaluation_mode(model: nn.Module) -> Iterator[None]:
-    """Put every module in eval mode, then restore each module's own flag."""
+    """Put every module in eval mode and run ``torch.compile``d code eagerly, then restore both.
+
+    Compiled graphs (aot_autograd) do not support double backward, which every HVP
+    needs; ``torch.compiler.set_stance("force_eager")`` (torch ≥ 2.6) runs a compiled
+    module's own eager function, with the same parameters.
+    """
     modes = [(m, m.training) for m in model.modules()]
     model.eval()
+    set_stance = getattr(torch.compiler, "set_stance", None)
+    stance = set_stance("force_eager") if set_stance is not None else contextlib.nullcontext()
     try:
-        yield
+        with stance:
+            yield
     finally:
         for module, training in modes:
             module.training = training
@@ -196,7 +194,7 @@ def no_autocast(device: torch.device):
 
 def flatten_params(model: nn.Module) -> Tensor:
     """The trainable parameters, detached and concatenated in ``model.parameters()`` order."""
-    _, params = trainable_parameters(uncompiled(model))
+    _, params = trainable_parameters(model)
     return torch.cat([p.detach().reshape(-1) for p in params])
 
 
@@ -217,7 +215,7 @@ class HessianOperator:
     """
 
     def __init__(self, model, loss_fn, inputs, targets, chunk_size: int = 1024, cache_graph: bool | None = None):
-        model = uncompiled(model)
+        model = model
         _, self.params = trainable_parameters(model)
         refuse_dropout(model)
         self.n = check_data(inputs, targets, chunk_size)
@@ -308,7 +306,7 @@ def dense_hessian(model, loss_fn, inputs, targets) -> Tensor:
     ``torch.autograd.functional.hessian``.
     Only for tiny models: memory and time grow as dim².
     """
-    model = uncompiled(model)
+    model = model
     names, params = trainable_parameters(model)
     refuse_dropout(model)
     check_data(inputs, targets, 1)

@@ -23,7 +23,7 @@ Read the modules in this order, one step of a sweep each:
    fresh; it hands them to an executor and records what it reports.
 4. Executors:
    - ``local`` (``--executor process``): up to ``jobs`` runs at once, each ``python -m
-     lnsgd.cli train RECIPE overrides... --out <point> --quiet [--resume]`` in its own
+     lnsgd train RECIPE overrides... --out <point> --quiet [--resume]`` in its own
      session, with stdout+stderr in ``<point>/train.log``, pinned round robin to one GPU
      when several are visible. SIGINT/SIGTERM/SIGHUP to the sweep stops launching and
      forwards SIGTERM once to every child, which checkpoints and exits 130; the sweep then

@@ -1,6 +1,6 @@
 """The ``process`` executor: the points as `lnsgd train` child processes on this machine.
 
-Up to ``jobs`` runs at once, each ``python -m lnsgd.cli train RECIPE overrides... --out
+Up to ``jobs`` runs at once, each ``python -m lnsgd train RECIPE overrides... --out
 <point> --quiet [--resume]`` in its own session, with stdout+stderr in
 ``<point>/train.log``, pinned round robin to one GPU when several are visible.
 SIGINT/SIGTERM/SIGHUP to the sweep stops launching and forwards SIGTERM once to every
@@ -95,7 +95,7 @@ class ProcessExecutor:
         env = dict(self.env, PYTHONUNBUFFERED="1")
         if gpu is not None:
             env["CUDA_VISIBLE_DEVICES"] = gpu
-        cmd = [self.python, "-m", "lnsgd.cli", *task.command]
+        cmd = [self.python, "-m", "lnsgd", *task.command]
         proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env,
                                 start_new_session=True)  # fmt: skip
         header = f"# {utc_now()} lnsgd sweep runs: {shlex.join(['lnsgd', *task.command])}\n"

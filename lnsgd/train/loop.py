@@ -23,15 +23,15 @@ import torch
 from torch import nn
 
 from lnsgd.checkpoint import load_state_strict, read_checkpoint, save_atomic
-from lnsgd.data import Data, load
+from lnsgd.data import Data, load, model_targets
 from lnsgd.errors import DivergedError, LnsgdError, RunInterrupted
 from lnsgd.losses import clean_loss, expected_loss, expected_loss_minimum, training_loss
 from lnsgd.models import DataSpec, build_model
-from lnsgd.optim import build_optimizer
 from lnsgd.recipe import RESUME_TOLERATED, Recipe, lambda_eff, lr_at, recipe_differences, recipe_to_dict, recipe_to_yaml, steps_per_epoch
 from lnsgd.runtime import StopFlag, backend_settings, claim_folder, environment_info, resolve_device, run_dir_for, signal_name, stream_seed
-from lnsgd.step import TrainSet, TrainStep, autocast_for, check_compile_mode, make_augment
 from lnsgd.track import MetricsSink, Progress, read_jsonl, truncate_jsonl
+from lnsgd.train.optim import build_optimizer
+from lnsgd.train.step import TrainSet, TrainStep, autocast_for, check_compile_mode, make_augment
 
 # --------------------------------------------------------------------------- set-up helpers
 
@@ -49,13 +49,6 @@ def make_model(recipe: Recipe, spec: DataSpec, device: torch.device, *, load_ini
         ckpt = read_checkpoint(recipe.init.checkpoint)
         load_state_strict(model, ckpt["model"], f"init.checkpoint {recipe.init.checkpoint}")
     return model.to(device)
-
-
-def model_targets(data: Data, labels: torch.Tensor, loss: str) -> torch.Tensor:
-    """What the loss compares outputs with: labels for cross-entropy; one-hot or raw targets for mse."""
-    if loss == "mse" and data.is_classification:
-        return nn.functional.one_hot(labels, data.num_classes).to(torch.float32)
-    return labels
 
 
 def plain_train_set(data: Data, loss: str, split: str = "train") -> TrainSet:

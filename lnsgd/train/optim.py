@@ -1,7 +1,7 @@
 """Optimizers as updates of tensors the training step owns: SGD with heavy-ball momentum, and Adam.
 
 Why not ``torch.optim``: the training step is one function compiled whole (gradient,
-noise, accumulators *and* update in one graph, ``lnsgd.step``). Dynamo cannot trace
+noise, accumulators *and* update in one graph, ``lnsgd.train.step``). Dynamo cannot trace
 ``loss.backward()``, so the step takes gradients with ``torch.func.grad``, and the
 update has to be ordinary tensor code on the parameters and on state tensors whose
 addresses never change (CUDA graphs replay on fixed addresses). The learning rate is
