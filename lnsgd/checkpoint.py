@@ -9,6 +9,7 @@ plain mapping, the data spec, and the lnsgd version.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -17,18 +18,79 @@ from torch import nn
 
 from lnsgd import __version__
 from lnsgd.errors import LnsgdError
+from lnsgd.track import disk_full_error, is_disk_full, remove_stale_temps, temp_path
 
 FORMAT = "lnsgd-checkpoint-1"
 
+# How torch files begin: a zip archive (torch.save since 1.6) or a pickle (protocol 2+).
+_TORCH_MAGIC = (b"PK\x03\x04", b"\x80")
+
+
+class _Writer:
+    """A file for ``torch.save`` that keeps the OSError torch would turn into "unexpected pos"."""
+
+    def __init__(self, file):
+        self.file, self.error = file, None
+
+    def write(self, data) -> int:
+        return self._keep(self.file.write, data)
+
+    def flush(self) -> None:
+        self._keep(self.file.flush)
+
+    def _keep(self, fn, *args):
+        try:
+            return fn(*args)
+        except OSError as exc:
+            self.error = exc
+            raise
+
+
+class _Counter:
+    """A file for ``torch.save`` that only counts bytes: the size a checkpoint needs on disk."""
+
+    size = 0
+
+    def write(self, data) -> int:
+        self.size += len(data)
+        return len(data)
+
+    def flush(self) -> None: ...
+
 
 def save_atomic(obj: dict, path: Path) -> None:
-    """Write ``obj`` to ``path`` via a temporary file and ``os.replace``: a crash leaves the old file intact."""
+    """Write ``obj`` to ``path`` via this writer's temporary file and ``os.replace``.
+
+    A crash, a kill or a full disk leaves the old file intact; the temporary file is
+    removed on failure (and, if a killed writer left one, by the next save). A full disk
+    is a ``DiskFull`` naming the folder and the space the file needs.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save({"format": FORMAT, "lnsgd_version": __version__, **obj}, tmp)
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    payload = {"format": FORMAT, "lnsgd_version": __version__, **obj}
+    remove_stale_temps(path)
+    tmp = temp_path(path)
+    try:
+        with open(tmp, "wb") as f:
+            writer = _Writer(f)
+            try:
+                torch.save(payload, writer)
+            except RuntimeError:
+                if writer.error is not None:
+                    raise writer.error from None
+                raise
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as exc:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        if is_disk_full(exc):
+            counter = _Counter()
+            torch.save(payload, counter)
+            raise disk_full_error(path, counter.size) from None
+        if isinstance(exc, OSError):
+            raise LnsgdError(f"cannot write {path} ({exc.strerror or exc})") from None
+        raise
 
 
 def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
@@ -40,13 +102,55 @@ def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         hint = path / "final.pt"
         raise LnsgdError(f"checkpoint {path} is a folder; give a file such as {hint}")
     try:
+        with open(path, "rb") as f:
+            head = f.read(64)
+    except OSError as e:
+        raise LnsgdError(f"cannot read checkpoint {path} ({e.strerror or e})") from None
+    if not head.startswith(_TORCH_MAGIC):
+        kind = "it is empty" if not head else "it holds text: a recipe or a log?" if _is_text(head) else "no torch archive"
+        raise LnsgdError(f"checkpoint {path} is truncated, corrupt or not a torch file ({kind}); "
+                         "give a final.pt or checkpoints/last.pt of a run")  # fmt: skip
+    try:
         obj = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # noqa: BLE001 - any failure to unpickle means the file is not usable
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise LnsgdError(f"checkpoint {path} is truncated, corrupt or not a torch file ({first[:160]})") from None
-    if not isinstance(obj, dict) or obj.get("format") != FORMAT or "model" not in obj:
+        text = str(e).strip()
+        if text.startswith("Weights only load failed"):
+            # torch's advice here (weights_only=False) would let the file run code: never pass it on.
+            why = "it holds objects other than tensors and plain data, which lnsgd refuses to unpickle"
+        else:
+            why = text.splitlines()[0] if text else type(e).__name__
+            why = why if len(why) <= 160 else why[:160].rsplit(" ", 1)[0] + " …"
+        raise LnsgdError(f"checkpoint {path} is truncated, corrupt or not a torch file ({why})") from None
+    fmt = obj.get("format") if isinstance(obj, dict) else None
+    if isinstance(fmt, str) and fmt.startswith("lnsgd-checkpoint-") and fmt != FORMAT:
+        newer = _format_number(fmt) > _format_number(FORMAT)
+        raise LnsgdError(
+            f"checkpoint {path} was written by lnsgd {obj.get('lnsgd_version', '?')} in format {fmt}, "
+            f"{'newer than' if newer else 'unknown to'} this lnsgd {__version__} (it reads {FORMAT}): "
+            "read it with the lnsgd that wrote it, or upgrade lnsgd"
+        )
+    if not isinstance(obj, dict) or fmt != FORMAT or "model" not in obj:
         raise LnsgdError(f"{path} is a torch file but not an lnsgd checkpoint (no {FORMAT!r} marker); use a final.pt or last.pt from lnsgd")
     return obj
+
+
+def require_keys(ckpt: dict, keys, path: Path, purpose: str) -> None:
+    """Refuse a checkpoint that lacks what ``purpose`` needs (one from another lnsgd version, or a final.pt)."""
+    missing = [k for k in keys if k not in ckpt]
+    if missing:
+        raise LnsgdError(
+            f"checkpoint {path} (lnsgd {ckpt.get('lnsgd_version', '?')}) has no {', '.join(missing[:4])}, "
+            f"which {purpose} needs; this lnsgd is {__version__}"
+        )
+
+
+def _is_text(head: bytes) -> bool:
+    return all(c >= 32 or c in b"\t\n\r" for c in head)  # no control bytes: text, whatever its encoding
+
+
+def _format_number(fmt: str) -> int:
+    tail = fmt.rsplit("-", 1)[-1]
+    return int(tail) if tail.isdigit() else -1
 
 
 def load_state_strict(model: nn.Module, state: dict, source: str) -> None:
@@ -77,6 +181,7 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu"):
     from lnsgd.recipe import recipe_from_dict
 
     ckpt = read_checkpoint(path, map_location=device)
+    require_keys(ckpt, ("recipe", "data_spec"), Path(path), "rebuilding its model")
     recipe = recipe_from_dict(ckpt["recipe"], source=f"recipe stored in {path}")
     spec = DataSpec.from_dict(ckpt["data_spec"])
     model = build_model(recipe.model, spec)

@@ -27,8 +27,10 @@ from pathlib import Path
 
 import torch
 
+from lnsgd.errors import LnsgdError
 from lnsgd.recipe import Recipe, recipe_from_dict, recipe_to_dict, with_overrides
 from lnsgd.runtime import claim_folder
+from lnsgd.track import write_atomic
 
 # The whole study, as one base recipe plus per-stage overrides. Units: epochs over the
 # 4000 training examples unless noted.
@@ -178,8 +180,11 @@ def _run_demo(out: Path, seed: int, quick: bool, progress_factory, console, full
 
     results["seconds"] = round(time.perf_counter() - started, 1)
     results["checks"] = demo_checks(results)
-    results["figure"] = str(demo_figure(results, out / "demo.png"))
-    (out / "summary.json").write_text(json.dumps(results, indent=2))
+    try:
+        results["figure"] = str(demo_figure(results, out / "demo.png"))
+        write_atomic(out / "summary.json", json.dumps(results, indent=2))
+    except OSError as exc:  # the folder went read-only or away during the study
+        raise LnsgdError(f"cannot write the demo's results to --out {out} ({exc.strerror or exc}); its run folders are complete") from None
     return results
 
 

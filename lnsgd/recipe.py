@@ -303,10 +303,59 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     return key.split("."), value
 
 
+def _section_model(annotation: Any) -> type[BaseModel] | None:
+    """The recipe section a field holds (``SharpnessTrack | None`` → SharpnessTrack); None for a value."""
+    import typing
+
+    if isinstance(annotation, type):
+        return annotation if issubclass(annotation, BaseModel) else None
+    return next(filter(None, (_section_model(a) for a in typing.get_args(annotation))), None)
+
+
+def recipe_keys(model: type[BaseModel] | None = None, prefix: str = "") -> list[str]:
+    """Every dotted recipe key, sections included: "optim", "optim.lr", ..."""
+    keys = []
+    for name, info in (model or Recipe).model_fields.items():
+        keys.append(prefix + name)
+        sub = _section_model(info.annotation)
+        if sub is not None:
+            keys += recipe_keys(sub, f"{prefix}{name}.")
+    return keys
+
+
+def _did_you_mean(key: str) -> str:
+    """`` (did you mean `optim.lr`?)`` for a near miss of a recipe key: a typo of it, or its last part alone (lr)."""
+    import difflib
+
+    known = recipe_keys()
+    close = difflib.get_close_matches(key, known, n=1, cutoff=0.7)
+    if not close:
+        last = key.rsplit(".", 1)[-1]
+        close = [k for k in known if k.rsplit(".", 1)[-1] == last][:1] or difflib.get_close_matches(key, known, n=1, cutoff=0.6)
+    return f" (did you mean `{close[0]}`?)" if close else ""
+
+
+def check_override_key(text: str) -> None:
+    """An override's key must name a recipe field: the error names the override (not the recipe
+    file, which is not where the typo is) and the nearest field."""
+    keys, _ = parse_override(text)
+    model: type[BaseModel] | None = Recipe
+    for depth, k in enumerate(keys):
+        if model is None:
+            raise LnsgdError(f"override {text!r}: {'.'.join(keys[:depth])} is a value, not a section, so it has no field {k!r}")
+        if k not in model.model_fields:
+            raise LnsgdError(
+                f"override {text!r}: {'.'.join(keys)}: unknown key{_did_you_mean('.'.join(keys))}; "
+                "`lnsgd validate RECIPE --fields` lists every field"
+            )
+        model = _section_model(model.model_fields[k].annotation)
+
+
 def apply_overrides(raw: dict, overrides: list[str] | tuple[str, ...]) -> dict:
     """Return a copy of ``raw`` with each ``key=value`` override set (validation happens later)."""
     result = _deepcopy(raw)
     for text in overrides:
+        check_override_key(text)
         keys, value = parse_override(text)
         node = result
         for k in keys[:-1]:
@@ -330,9 +379,13 @@ def _deepcopy(raw: Any) -> Any:
 
 def read_yaml(path: Path) -> dict:
     """Read a recipe file into a mapping, with one-line errors for the usual failures."""
-    if not path.exists():
+    try:
+        exists, is_dir = path.exists(), path.is_dir()  # raise where a parent folder cannot be searched
+    except OSError as e:
+        raise LnsgdError(f"cannot read recipe {path} ({e.strerror or e}); check that the file is readable") from None
+    if not exists:
         raise LnsgdError(f"recipe {path} does not exist (give the path to a .yaml recipe, e.g. recipes/quickstart.yaml)")
-    if path.is_dir():
+    if is_dir:
         raise LnsgdError(f"recipe {path} is a folder; give a .yaml recipe file")
     try:
         raw = yaml.safe_load(path.read_text())
@@ -342,6 +395,8 @@ def read_yaml(path: Path) -> dict:
         raise LnsgdError(f"recipe {path}{where}: not valid YAML ({getattr(e, 'problem', e)})") from None
     except UnicodeDecodeError:
         raise LnsgdError(f"recipe {path} is not a text file") from None
+    except OSError as e:  # PermissionError, a file that vanished, an I/O error
+        raise LnsgdError(f"cannot read recipe {path} ({e.strerror or e}); check that the file is readable") from None
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
@@ -374,7 +429,10 @@ def validate_mapping(raw: dict, source: str = "recipe") -> Recipe:
 def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
     """Load, resolve paths of, override and validate a recipe file."""
     path = Path(path)
-    raw = _resolve_paths(read_yaml(path), path.resolve().parent)
+    raw = read_yaml(path)
+    if not raw:  # an empty file would silently run every default
+        raise LnsgdError(f"recipe {path} is empty; give at least its name and sections, e.g. start from recipes/quickstart.yaml")
+    raw = _resolve_paths(raw, path.resolve().parent)
     # Overrides carry paths relative to where the user typed them.
     raw = apply_overrides(raw, overrides)
     raw = _resolve_paths(raw, Path.cwd())

@@ -350,7 +350,7 @@ def measure_checkpoint(path, *, eta: float | None = None, momentum: float | None
         op, dim = curvature.hessian_matvec(model, measured_loss(recipe, data.num_classes, which), inputs, targets)
         gen = torch.Generator(device=dev).manual_seed(seed)
         nodes, weights = curvature.spectral_density(op, dim, hvps, gen)
-        out["density"] = str(plot_density(nodes, weights, density, title=f"Hessian spectral density ({which} loss), {path}"))
+        out["density"] = str(plot_density(nodes, weights, density, title=f"Hessian spectral density ({which} loss)\n{path}"))
         out["hvps"] += hvps
     out["seconds"] = round(time.perf_counter() - started, 3)
     return out
@@ -484,7 +484,11 @@ def plot_density(
     ax.set_xlabel("eigenvalue")
     ax.set_ylabel("density")
     if title:
-        ax.set_title(title)
+        # Wrapped to the figure's width (about 60 characters at 6 in): a checkpoint's path would run past the edge.
+        import textwrap
+
+        lines = [textwrap.fill(line, 60, break_long_words=True, break_on_hyphens=False) for line in title.splitlines()]
+        ax.set_title("\n".join(lines), fontsize="medium")
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -7,9 +7,13 @@ reported once as a warning and wandb is switched off (or to offline mode).
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import math
 import os
+import shutil
+import socket
 import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -27,20 +31,122 @@ def _clean(value: Any) -> Any:
     return value
 
 
+# --------------------------------------------------------------------------- writing files that must survive
+
+
+class DiskFull(LnsgdError):
+    """A write ran out of space; the file it was writing is as it was before."""
+
+
+def _size_text(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} GB"
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    return isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)
+
+
+def disk_full_error(path: Path, needed: int) -> DiskFull:
+    """The one line for a write that ran out of space: the folder, what the file needs, what is free."""
+    free = "an unknown amount"
+    with contextlib.suppress(OSError):
+        free = _size_text(shutil.disk_usage(path.parent).free)
+    return DiskFull(f"no space left in {path.parent}: {path.name} needs {_size_text(needed)} and {free} is free; "
+                    f"{path} is as it was before")  # fmt: skip
+
+
+def temp_path(path: Path) -> Path:
+    """This writer's temporary file for ``path``: host and pid in the name, so two writers never share one."""
+    return path.with_name(f"{path.name}.{socket.gethostname()}.{os.getpid()}.tmp")
+
+
+def remove_stale_temps(path: Path) -> None:
+    """Delete temporary files for ``path`` left by killed writers on this host (and the plain ``.tmp`` of older lnsgd).
+
+    A writer SIGKILLed mid-write leaves its temporary file behind; on a full disk that
+    file holds the space the next write needs. Files of live processes, or of other hosts
+    (a shared file system), are left alone.
+    """
+    host = socket.gethostname()
+    for tmp in path.parent.glob(f"{path.name}.*tmp"):
+        middle = tmp.name[len(path.name) + 1 : -len(".tmp")] if tmp.name != f"{path.name}.tmp" else None
+        if middle is not None:
+            tmp_host, _, pid = middle.rpartition(".")
+            if tmp_host != host or not pid.isdigit() or int(pid) == os.getpid() or _alive(int(pid)):
+                continue
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def write_atomic(path: Path, data: str | bytes) -> None:
+    """Write ``data`` to ``path`` via this writer's temporary file and ``os.replace``.
+
+    A crash or a full disk leaves ``path`` as it was and no temporary file behind;
+    running out of space is a ``DiskFull`` naming the folder and the space needed.
+    """
+    path = Path(path)
+    payload = data.encode() if isinstance(data, str) else data
+    remove_stale_temps(path)
+    tmp = temp_path(path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(payload)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as exc:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        if is_disk_full(exc):
+            raise disk_full_error(path, len(payload)) from None
+        if isinstance(exc, OSError):
+            raise LnsgdError(f"cannot write {path} ({exc.strerror or exc})") from None
+        raise
+
+
 class JsonlSink:
-    """Appends one JSON object per line, flushed so a crash loses at most the line being written."""
+    """Appends one JSON object per line, synced so a crash loses at most the line being written.
+
+    A line that cannot be written whole (a full disk) is cut off again, so the file
+    never holds half a row, and the run stops with ``DiskFull``.
+    """
 
     def __init__(self, path: Path):
         self.path = path
-        self.file = open(path, "a")
+        self.fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
 
     def log(self, row: dict) -> None:
-        self.file.write(json.dumps({k: _clean(v) for k, v in row.items()}) + "\n")
-        self.file.flush()
-        os.fsync(self.file.fileno())
+        line = (json.dumps({k: _clean(v) for k, v in row.items()}) + "\n").encode()
+        size = os.fstat(self.fd).st_size
+        try:
+            view = memoryview(line)
+            while view:  # os.write may write part of the line: a full disk writes what fits
+                view = view[os.write(self.fd, view):]
+            os.fsync(self.fd)
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                os.ftruncate(self.fd, size)
+            if is_disk_full(exc):
+                raise disk_full_error(self.path, len(line)) from None
+            raise LnsgdError(f"cannot write {self.path} ({exc.strerror or exc})") from None
 
     def close(self) -> None:
-        self.file.close()
+        with contextlib.suppress(OSError):
+            os.close(self.fd)
 
 
 def read_jsonl(path: Path) -> list[dict]:
@@ -54,19 +160,21 @@ def read_jsonl(path: Path) -> list[dict]:
     if not path.exists():
         return []
     try:
-        text = path.read_text(encoding="utf-8")
+        data = path.read_bytes()
     except OSError as exc:
         raise LnsgdError(f"cannot read {path}: {exc.strerror or exc}") from None
-    lines = [(number, line) for number, line in enumerate(text.splitlines(), 1) if line.strip()]
+    # Lines are decoded one by one, so a corrupt line (bytes that are not UTF-8) is named by its number.
+    lines = [(number, line) for number, line in enumerate(data.split(b"\n"), 1) if line.strip()]
     rows = []
     for index, (number, line) in enumerate(lines):
         try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
+            row = json.loads(line.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
             if index == len(lines) - 1:
                 break  # torn last line of a run in progress
+            why = exc.msg if isinstance(exc, json.JSONDecodeError) else "not UTF-8 text"
             raise LnsgdError(
-                f"{path}, line {number}: not valid JSON ({exc.msg}); every line but a torn last one must be one JSON object"
+                f"{path}, line {number}: not valid JSON ({why}); every line but a torn last one must be one JSON object"
             ) from None
         if not isinstance(row, dict):
             raise LnsgdError(f"{path}, line {number}: expected a JSON object of metrics, got {type(row).__name__}")
@@ -77,9 +185,7 @@ def read_jsonl(path: Path) -> list[dict]:
 def truncate_jsonl(path: Path, keep) -> list[dict]:
     """Rewrite ``path`` keeping only rows for which ``keep(row)`` holds (used when resuming)."""
     rows = [r for r in read_jsonl(path) if keep(r)]
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    os.replace(tmp, path)
+    write_atomic(path, "".join(json.dumps(r) + "\n" for r in rows))
     return rows
 
 
@@ -88,7 +194,7 @@ class WandbSink:
 
     def __init__(self, config: WandbConfig, run_dir: Path, name: str, recipe: dict, resume_id: str | None = None):
         self.run = None
-        self.warned = False
+        self.rows = 0  # rows wandb took, for the warning if it dies mid-run
         try:
             import wandb
         except ImportError:
@@ -103,22 +209,21 @@ class WandbSink:
             self.run = wandb.init(mode=config.mode, **kwargs)
         except Exception as e:  # noqa: BLE001 - a tracker must never kill a run
             if config.mode == "online":
-                self._warn(f"wandb online failed ({str(e).splitlines()[0][:120]}); continuing offline: `wandb sync {run_dir}/wandb` later")
+                self._warn(f"wandb online failed ({_first_line(e)}); continuing offline: `wandb sync {run_dir}/wandb` later")
                 try:
                     self.run = wandb.init(mode="offline", **kwargs)
                 except Exception as e2:  # noqa: BLE001
-                    self._warn(f"wandb offline failed too ({e2}); continuing without wandb")
+                    self._warn(f"wandb offline failed too ({_first_line(e2)}); continuing without wandb")
             else:
-                self._warn(f"wandb failed ({e}); continuing without wandb")
+                self._warn(f"wandb failed ({_first_line(e)}); continuing without wandb")
 
     @property
     def run_id(self) -> str | None:
         return getattr(self.run, "id", None)
 
     def _warn(self, msg: str) -> None:
-        if not self.warned:
-            warnings.warn(msg, RuntimeWarning, stacklevel=3)
-            self.warned = True
+        # Each failure warns once by construction: a failed init or log switches wandb off (or to offline).
+        warnings.warn(msg, RuntimeWarning, stacklevel=3)
 
     def log(self, row: dict) -> None:
         if self.run is None:
@@ -126,8 +231,10 @@ class WandbSink:
         try:
             step = row.get("step")
             self.run.log({k: v for k, v in row.items() if isinstance(v, (int, float)) and v is not None}, step=step)
-        except Exception as e:  # noqa: BLE001
-            self._warn(f"wandb logging failed ({e}); continuing without wandb")
+            self.rows += 1
+        except Exception as e:  # noqa: BLE001 - a tracker must never kill a run
+            self._warn(f"wandb logging failed at step {row.get('step')} after {self.rows} rows ({_first_line(e)}); "
+                       "continuing without wandb, metrics.jsonl keeps every row")  # fmt: skip
             self.run = None
 
     def close(self) -> None:
@@ -136,6 +243,11 @@ class WandbSink:
                 self.run.finish()
             except Exception:  # noqa: BLE001
                 pass
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0][:160] if text else type(exc).__name__
 
 
 class MetricsSink:
@@ -190,10 +302,57 @@ class RichProgress(Progress):
     def advance(self, epoch: int, info: dict) -> None:
         if self.bar is None:
             return
-        text = "  ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in info.items())
-        self.bar.update(self.task, completed=epoch, info=text)
+        self.bar.update(self.task, completed=epoch, info=_info_text(info))
 
     def stop(self) -> None:
         if self.bar is not None:
             self.bar.stop()
             self.bar = None
+
+
+def _info_text(info: dict) -> str:
+    return "  ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in info.items())
+
+
+def _clock_text(seconds: float) -> str:
+    minutes, secs = divmod(int(seconds), 60)
+    return f"{minutes // 60}:{minutes % 60:02d}:{secs:02d}"
+
+
+class LineProgress(Progress):
+    """Plain lines every ``every_s`` seconds (and at the first and last epoch), for logs that are
+    not a terminal (CI, Slurm job logs, ``> run.log``), where a redrawn bar is cut to its width."""
+
+    def __init__(self, file, every_s: float = 30.0, clock=None):
+        import time
+
+        self.file, self.every_s, self.clock = file, every_s, clock or time.monotonic
+        self.total = None
+
+    def start(self, total_epochs: int, done_epochs: int, description: str, unit: str = "epochs") -> None:
+        self.total, self.unit, self.description = total_epochs, unit, description
+        self.started = self.clock()
+        self.first, self.last_printed, self.pending = done_epochs, None, None
+
+    def advance(self, epoch: int, info: dict) -> None:
+        if self.total is None:
+            return
+        self.pending = (epoch, info)
+        now = self.clock()
+        if self.last_printed is None or now - self.last_printed >= self.every_s or epoch >= self.total:
+            self._print(epoch, info, now)
+
+    def _print(self, epoch: int, info: dict, now: float) -> None:
+        elapsed = now - self.started
+        timing = f"{_clock_text(elapsed)} elapsed"
+        if self.first < epoch < self.total:  # the rate so far; none before the first epoch of this session
+            timing += f", ~{_clock_text(elapsed / (epoch - self.first) * (self.total - epoch))} left"
+        text = _info_text(info)
+        print(f"{self.description}: {epoch}/{self.total} {self.unit}, {timing}" + (f"  {text}" if text else ""),
+              file=self.file, flush=True)  # fmt: skip
+        self.last_printed, self.pending = now, None
+
+    def stop(self) -> None:
+        if self.total is not None and self.pending is not None:  # the state it ended in, even between lines
+            self._print(*self.pending, self.clock())
+        self.total = None

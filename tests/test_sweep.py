@@ -200,7 +200,7 @@ def test_submitit_missing_says_how_to_install(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "submitit", None)  # makes `import submitit` raise ImportError
     line = one_line_error(invoke("sweep", write_tiny(tmp_path), "--grid", "seed=0,1", "--executor", "submitit"))
     assert "pip install submitit" in line and "lnsgd[slurm]" in line
-    assert not (tmp_path / "runs" / "tiny").exists()
+    assert not (tmp_path / "runs" / "tiny-seed").exists()
 
 
 def test_bad_sweep_spec_files(tmp_path):
@@ -230,7 +230,7 @@ def process_sweep(tmp_path_factory):
 def test_process_sweep_runs_every_point(process_sweep):
     root, _, res = process_sweep
     assert res.exit_code == 0, res.output
-    sweep_dir = root / "runs" / "tiny"
+    sweep_dir = root / "runs" / "tiny-lr-seed"
     data = read_sweep(sweep_dir)
     assert [p["id"] for p in data["points"]] == IDS and all(p["status"] == "done" for p in data["points"])
     assert data["grid"] == {"optim.lr": [0.05, 0.1], "seed": [0, 1]} and data["recipe"] == str(root / "recipe.yaml")
@@ -239,7 +239,7 @@ def test_process_sweep_runs_every_point(process_sweep):
         run = sweep_dir / pid
         assert [r["epoch"] for r in read_jsonl(run / "metrics.jsonl")] == [0, 1, 2]
         assert "lnsgd train" in (run / "train.log").read_text()
-        assert json.loads((run / "summary.json").read_text())["name"] == f"tiny/{pid}"
+        assert json.loads((run / "summary.json").read_text())["name"] == f"tiny-lr-seed/{pid}"
     # Each point is exactly the run `lnsgd train` makes with the same overrides (here: in-process).
     r = load_recipe(root / "recipe.yaml", ["optim.lr=0.1", "seed=1"])
     train(r, root / "ref")
@@ -249,7 +249,7 @@ def test_process_sweep_runs_every_point(process_sweep):
 
 def test_rerunning_a_finished_sweep_skips_every_run_and_status_shows_them(process_sweep):
     root, recipe, _ = process_sweep
-    sweep_dir = root / "runs" / "tiny"
+    sweep_dir = root / "runs" / "tiny-lr-seed"
     before = {pid: (sweep_dir / pid / "final.pt").stat().st_mtime_ns for pid in IDS}
     res = invoke("sweep", recipe, *GRID, "--jobs", "2")
     assert res.exit_code == 0, res.output
@@ -274,8 +274,8 @@ def test_rerunning_a_finished_sweep_skips_every_run_and_status_shows_them(proces
 
 def test_a_run_folder_is_not_taken_for_a_sweep(tmp_path):
     recipe = write_tiny(tmp_path)
-    (tmp_path / "runs" / "tiny").mkdir(parents=True)
-    (tmp_path / "runs" / "tiny" / "recipe.yaml").write_text("name: tiny\n")
+    (tmp_path / "runs" / "tiny-seed").mkdir(parents=True)
+    (tmp_path / "runs" / "tiny-seed" / "recipe.yaml").write_text("name: tiny-seed\n")
     line = one_line_error(invoke("sweep", recipe, "--grid", "seed=0,1"))
     assert "run folder, not a sweep" in line and "--name" in line
 
@@ -325,7 +325,7 @@ def test_interrupted_sweep_continues_exactly_and_a_failed_run_does_not_stop_the_
     recipe = write_tiny(tmp_path, LONG)
     # Two points at once: one trains for a while, the other fails at once (batch larger than the data).
     args = ("sweep", recipe, "--grid", "optim.batch_size=32,500", "--grid", "seed=0", "--jobs", "2")
-    sweep_dir = tmp_path / "runs" / "tiny"
+    sweep_dir = tmp_path / "runs" / "tiny-batch_size-seed"
     long_run = sweep_dir / "batch_size=32,seed=0"
 
     def stop_when_training(kind, pid, info):  # Ctrl-C to the sweep after the failure and a few epochs of the long run
@@ -421,12 +421,12 @@ def test_submitit_local_sweep_matches_the_process_sweep(tmp_path, process_sweep)
     args = ("sweep", recipe, *GRID, "--zip", "--executor", "submitit", "--cluster", "local", "--timeout-min", "10")
     res = invoke(*args)
     assert res.exit_code == 0, res.output
-    sweep_dir = tmp_path / "runs" / "tiny"
+    sweep_dir = tmp_path / "runs" / "tiny-lr-seed-zip"
     data = read_sweep(sweep_dir)
     assert [p["id"] for p in data["points"]] == [IDS[0], IDS[3]] and data["zip"] is True
     assert all(p["status"] == "done" and p["job_id"] for p in data["points"]) and data["executor"] == "submitit"
     assert any((sweep_dir / "submitit").rglob("*.out"))
-    proc_dir = process_sweep[0] / "runs" / "tiny"
+    proc_dir = process_sweep[0] / "runs" / "tiny-lr-seed"
     for pid in (IDS[0], IDS[3]):
         assert same_weights(weights(proc_dir / pid / "final.pt"), weights(sweep_dir / pid / "final.pt"))
         a, b = read_jsonl(proc_dir / pid / "metrics.jsonl"), read_jsonl(sweep_dir / pid / "metrics.jsonl")
@@ -445,6 +445,6 @@ def test_a_different_grid_or_recipe_is_refused_unless_forced(process_sweep):
     # the submitit test compares with the process sweep's runs).
     res = invoke("sweep", recipe, "--grid", "optim.lr=0.05", "--grid", "seed=0,1", "--force")
     assert res.exit_code == 0, res.output
-    sweep_dir = root / "runs" / "tiny"
+    sweep_dir = root / "runs" / "tiny-lr-seed"
     assert sorted(p.name for p in sweep_dir.iterdir() if p.is_dir()) == IDS[:2]
     assert [p["id"] for p in read_sweep(sweep_dir)["points"]] == IDS[:2]

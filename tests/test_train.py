@@ -274,3 +274,15 @@ def test_commands_leave_process_wide_state_as_they_found_it(cli, write_recipe, t
     res = cli("demo", "--quick", "--out", str(tmp_path / "demo"))
     assert res.exit_code == 0, res.output
     assert torch.get_num_threads() == threads
+
+
+USAGE_ERRORS = [(["train"], "Missing argument 'recipe'"), (["train", "x.yaml", "--bogus"], "No such option: --bogus"),
+                (["trian"], "No such command 'trian'")]
+
+
+@pytest.mark.parametrize(("args", "says"), USAGE_ERRORS)
+def test_usage_errors_are_one_line_with_exit_code_2(args, says, tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "lnsgd", *args], cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.stderr.count("\n") == 1 and proc.stderr.startswith("error: ") and says in proc.stderr, proc.stderr
+    assert "--help" in proc.stderr

@@ -35,7 +35,12 @@ err_console = Console(stderr=True)
 
 
 
-RecipeArg = Annotated[Path, typer.Argument(help="recipe YAML file, e.g. recipes/quickstart.yaml", show_default=False)]
+def recipe_arg(example: str):
+    """The recipe argument, its help naming a recipe that fits the command (``recipes/`` has one per command)."""
+    return Annotated[Path, typer.Argument(help=f"recipe YAML file, e.g. {example}", show_default=False)]
+
+
+RecipeArg = recipe_arg("recipes/quickstart.yaml")
 
 
 
@@ -93,6 +98,10 @@ def friendly(fn: Callable) -> Callable:
 
 
 def progress_for(quiet: bool):
-    from lnsgd.track import Progress, RichProgress
+    """A progress bar on a terminal; plain periodic lines where stderr is a log file or a pipe
+    (CI, Slurm), which a redrawn bar would fill with lines cut at 80 columns."""
+    from lnsgd.track import LineProgress, Progress, RichProgress
 
-    return Progress() if quiet else RichProgress(err_console)
+    if quiet:
+        return Progress()
+    return RichProgress(err_console) if err_console.is_terminal else LineProgress(err_console.file)

@@ -70,7 +70,9 @@ def measure_sharpness(
             bar.stop()
     from rich.table import Table
 
-    table = Table(title=f"sharpness of {checkpoint} — {result['loss']} loss, {result['examples']} examples, {result['hvps']} HVPs")
+    # --hvps is each estimator's budget; result["hvps"] is what all of them (and --density) spent together.
+    spent = f"{hvps} HVPs per estimator, {result['hvps']} in all" if result["hvps"] != hvps else f"{hvps} HVPs"
+    table = Table(title=f"sharpness of {checkpoint} — {result['loss']} loss, {result['examples']} examples, {spent}")
     table.add_column("quantity")
     table.add_column("value", justify="right")
     fmt = lambda v, e=None: "—" if v is None else (f"{v:.6g} ± {e:.2g}" if e is not None else f"{v:.6g}")  # noqa: E731

@@ -52,7 +52,7 @@ def compare(
     csv: Annotated[Optional[Path], typer.Option("--csv", help="also write the table as CSV")] = None,
     ignore: IgnoreOpt = None,
 ) -> None:
-    """Final metrics per group of runs: median [min, max] over seeds."""
+    """Final metrics per group of runs: median \\[min, max] over seeds."""  # \\[: rich reads [..] as markup
     from lnsgd.report import compare_runs, compare_table, write_csv
 
     columns, rows = compare_runs(runs, ignore=ignore or ())

@@ -22,8 +22,13 @@ from lnsgd.cli.app import (
     fail,
     friendly,
     progress_for,
+    recipe_arg,
 )
 from lnsgd.errors import RunInterrupted
+
+FullbatchRecipeArg = recipe_arg("recipes/quickstart-fullbatch.yaml")
+AdversarialRecipeArg = recipe_arg("recipes/quickstart-adversarial.yaml")
+TheoryRecipeArg = recipe_arg("recipes/theory-quadratic.yaml")
 
 
 @app.command()
@@ -33,7 +38,10 @@ def validate(
     overrides: OverridesArg = None,
     fields: Annotated[bool, typer.Option("--fields", help="also list every recipe field with its default and meaning")] = False,
 ) -> None:
-    """Check a recipe (with overrides) and print it fully resolved."""
+    """Check a recipe (with overrides) and print it fully resolved.
+
+    Example: lnsgd validate recipes/quickstart.yaml optim.lr=0.05 --fields
+    """
     from lnsgd.recipe import field_help, load_recipe, recipe_to_yaml
 
     r = load_recipe(recipe, overrides or [])
@@ -59,7 +67,10 @@ def train(
     out: OutOpt = None,
     quiet: QuietOpt = False,
 ) -> None:
-    """Run label-noise (or plain) SGD from a recipe into a run folder."""
+    """Run label-noise (or plain) SGD from a recipe into a run folder.
+
+    Example: lnsgd train recipes/quickstart.yaml seed=1
+    """
     from lnsgd.recipe import load_recipe
     from lnsgd.runtime import run_dir_for
     from lnsgd.sharpness import training_hook
@@ -111,18 +122,27 @@ def _init_command(kind: str, recipe: Path, overrides, resume: bool, force: bool,
 
 @app.command("init-fullbatch")
 @friendly
-def init_fullbatch(recipe: RecipeArg, overrides: OverridesArg = None, resume: ResumeOpt = False, force: ForceOpt = False,
+def init_fullbatch(recipe: FullbatchRecipeArg, overrides: OverridesArg = None, resume: ResumeOpt = False, force: ForceOpt = False,
                    out: OutOpt = None, quiet: QuietOpt = False) -> None:  # fmt: skip
-    """Full-batch gradient descent from random init to a zero-error minimizer (at most train.epochs steps)."""
+    """Full-batch gradient descent from random init to a zero-error minimizer (at most train.epochs steps).
+
+    Example: lnsgd init-fullbatch recipes/quickstart-fullbatch.yaml
+    """
     _init_command("fullbatch", recipe, overrides, resume, force, out, quiet)
 
 
 
 @app.command("init-adversarial")
 @friendly
-def init_adversarial(recipe: RecipeArg, overrides: OverridesArg = None, resume: ResumeOpt = False, force: ForceOpt = False,
+def init_adversarial(recipe: AdversarialRecipeArg, overrides: OverridesArg = None, resume: ResumeOpt = False, force: ForceOpt = False,
                      out: OutOpt = None, quiet: QuietOpt = False) -> None:  # fmt: skip
-    """Memorize random labels on replicated, partly zeroed data, then fit the true labels: a poorly generalizing minimizer."""
+    """Memorize random labels on replicated, partly zeroed data, then fit the true labels: a poorly generalizing minimizer.
+
+    The memorize phase stops at init.adversarial.memorize_acc or after init.adversarial.memorize_epochs
+    epochs over the replicated set; train.epochs bounds only the fit phase.
+
+    Example: lnsgd init-adversarial recipes/quickstart-adversarial.yaml
+    """
     _init_command("adversarial", recipe, overrides, resume, force, out, quiet)
 
 
@@ -154,8 +174,11 @@ def demo(
 
 @app.command()
 @friendly
-def theory(recipe: RecipeArg, overrides: OverridesArg = None, force: ForceOpt = False, quiet: QuietOpt = False) -> None:
-    """Check Theorem 1 with exact Hessians: label-noise SGD, plain SGD and GD on L + λR from one start."""
+def theory(recipe: TheoryRecipeArg, overrides: OverridesArg = None, force: ForceOpt = False, quiet: QuietOpt = False) -> None:
+    """Check Theorem 1 with exact Hessians: label-noise SGD, plain SGD and GD on L + λR from one start.
+
+    Example: lnsgd theory recipes/theory-quadratic.yaml
+    """
     from lnsgd.recipe import load_recipe
     from lnsgd.runtime import run_dir_for
     from lnsgd.theory import run_theory, summary_table

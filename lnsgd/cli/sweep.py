@@ -45,7 +45,10 @@ def sweep(
     ] = False,
     name: Annotated[
         Optional[str],
-        typer.Option("--name", help="sweep name; runs go to <log.dir>/<name>/<point> (default: the recipe's name)"),
+        typer.Option(
+            "--name",
+            help="sweep name; runs go to <log.dir>/<name>/<point> (default: <recipe name>-<grid keys>, e.g. quickstart-lr-seed)",
+        ),
     ] = None,
     executor: Annotated[
         str, typer.Option("--executor", "-e", help="process: child processes on this machine; submitit: a job array")
@@ -109,6 +112,8 @@ def sweep(
 
     Rerunning the same command skips finished runs, resumes interrupted ones from their last
     checkpoint and starts the rest. Progress and results are in <log.dir>/<name>/sweep.json.
+
+    Example, into runs/quickstart-lr-seed/: lnsgd sweep recipes/quickstart.yaml --grid optim.lr=0.05,0.1 --grid seed=0,1
     """
     from lnsgd.errors import RunInterrupted
     from lnsgd.sweep import ProcessExecutor, SubmititExecutor, SubmititOptions, parse_slurm_options, plan_sweep, run_sweep

@@ -71,7 +71,9 @@ class Operator:
 
     Probe dtype and device: the ``dtype``/``device`` given, else the matvec's
     ``.dtype``/``.device`` attribute (``HessianOperator`` and dense tensors have
-    them), else float32 on the CPU. Products are returned in that dtype/device.
+    them), else inferred from one product with a zero vector: float32 on the CPU,
+    or float64 where the callable refuses float32 (``lambda v: A @ v`` over a
+    float64 ``A``). Products are returned in that dtype/device.
     """
 
     def __init__(self, matvec, dim: int, dtype=None, device=None):
@@ -86,10 +88,26 @@ class Operator:
         elif not callable(matvec):
             raise LnsgdError(f"matvec must be a callable or a square tensor; got {type(matvec).__name__}")
         self.fn = matvec
-        self.dtype = dtype or getattr(matvec, "dtype", None) or torch.float32
         self.device = torch.device(device or getattr(matvec, "device", None) or "cpu")
+        self.dtype = dtype or getattr(matvec, "dtype", None) or self._infer_dtype()
         if not self.dtype.is_floating_point:
             raise LnsgdError(f"dtype must be a floating-point dtype; got {self.dtype}")
+
+    def _infer_dtype(self) -> torch.dtype:
+        """The first of float32, float64 that the callable accepts, found with one product of a zero vector."""
+        failure = None
+        for dtype in (torch.float32, torch.float64):
+            try:
+                self.fn(torch.zeros(self.dim, dtype=dtype, device=self.device))
+            except RuntimeError as e:  # torch's "same dtype" / "expected scalar type" errors
+                failure = failure or e
+                continue
+            return dtype
+        first = str(failure).strip().splitlines()[0][:160] if str(failure).strip() else type(failure).__name__
+        raise LnsgdError(
+            f"matvec fails on float32 and float64 vectors on {self.device} ({first}); pass the dtype and device "
+            "its tensors use, e.g. dtype=torch.float64, device='cuda'"
+        )
 
     def __call__(self, v: Tensor) -> Tensor:
         out = self.fn(v)

@@ -409,9 +409,13 @@ def _write_files(fig, csv_rows: list[tuple], out_dir: Path, stem: str, formats: 
     """<stem>.<ext> per format, then <stem>.csv; returns the paths in that order."""
     if out_dir.exists() and not out_dir.is_dir():
         raise LnsgdError(f"--out {out_dir} is a file; pass a folder to write figures into")
-    out_dir.mkdir(parents=True, exist_ok=True)
     files = [out_dir / f"{stem}.{ext}" for ext in formats]
-    for path in files:
-        fig.savefig(path, dpi=150)
-    files.append(write_csv(out_dir / f"{stem}.csv", CSV_COLUMNS, csv_rows))
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        for path in files:
+            fig.savefig(path, dpi=150)
+        files.append(write_csv(out_dir / f"{stem}.csv", CSV_COLUMNS, csv_rows))
+    except OSError as exc:  # under a regular file, read-only, full, or not ours
+        where = exc.filename or out_dir
+        raise LnsgdError(f"cannot write figures to --out {out_dir} ({exc.strerror or exc}: {where}); pass a writable folder") from None
     return files

@@ -109,18 +109,20 @@ def load_run(path: str | Path) -> Run:
         raise LnsgdError(f"{path} is not a run folder (no {'/'.join(missing)})")
     recipe_file = path / RECIPE_FILE
     try:
-        recipe = yaml.safe_load(recipe_file.read_text(encoding="utf-8"))
+        recipe = yaml.safe_load(_read_text(recipe_file))
     except yaml.YAMLError as exc:
-        raise LnsgdError(f"{recipe_file}: not valid YAML ({exc})") from exc
+        mark = getattr(exc, "problem_mark", None)
+        where = f", line {mark.line + 1}" if mark is not None else ""
+        raise LnsgdError(f"{recipe_file}{where}: not valid YAML ({getattr(exc, 'problem', None) or 'unreadable'})") from None
     if not isinstance(recipe, dict):
         raise LnsgdError(f"{recipe_file}: expected a mapping of recipe fields")
     summary = None
     summary_file = path / SUMMARY_FILE
     if summary_file.is_file():
         try:
-            summary = json.loads(summary_file.read_text(encoding="utf-8"))
+            summary = json.loads(_read_text(summary_file))
         except json.JSONDecodeError as exc:
-            raise LnsgdError(f"{summary_file}: not valid JSON ({exc.msg})") from exc
+            raise LnsgdError(f"{summary_file}, line {exc.lineno}: not valid JSON ({exc.msg})") from None
         if not isinstance(summary, dict):
             raise LnsgdError(f"{summary_file}: expected a JSON object")
     return Run(
@@ -131,6 +133,19 @@ def load_run(path: str | Path) -> Run:
         finished=summary is not None,
         summary=summary,
     )
+
+
+def _read_text(path: Path) -> str:
+    """A run-folder file as text, or one line naming it (and the line) when it cannot be read."""
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise LnsgdError(f"cannot read {path}: {exc.strerror or exc}") from None
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        raise LnsgdError(f"{path}, line {line}: not UTF-8 text (a corrupt or binary file)") from None
 
 
 def _run_folders_below(root: Path) -> list[Path]:
@@ -291,6 +306,35 @@ def _common_name(runs: list[Run]) -> str:
     return prefix or "runs"
 
 
+def _label_parts(differing: list[dict], keys: list[str], shown: dict[str, list[str]], i: int) -> list[tuple[str, str]]:
+    """(key, text) pairs of config ``i``'s label.
+
+    A section that is null in some recipes and set in others (``track.sharpness: null``
+    against ``track.sharpness: {every: 8, ...}``) is one key K in the first and keys K.* in
+    the second; the label names it once, so it never reads ``K=unset, K.every=8``: ``K=null``
+    where K is a value, else the K.* that vary between the recipes that set K (``K=set``
+    when none do).
+    """
+
+    def sets(d: dict, section: str) -> bool:
+        return any(v is not _MISSING for c, v in d.items() if c.startswith(section + "."))
+
+    def varies(key: str, section: str) -> bool:
+        return len({_format_value(d[key]) for d in differing if sets(d, section)}) > 1
+
+    parts = []
+    for k in keys:
+        section = next((p for p in keys if k.startswith(p + ".")), None)
+        if section is not None and (differing[i][section] is not _MISSING or not varies(k, section)):
+            continue  # K=null says it, or K=set / the varying K.* do
+        if differing[i][k] is _MISSING and sets(differing[i], k):
+            if not any(varies(c, k) for c in keys if c.startswith(k + ".")):
+                parts.append((k, "set"))
+            continue
+        parts.append((k, shown[k][i]))
+    return parts
+
+
 def group_runs(runs: Sequence[Run], ignore: Iterable[str] = ()) -> list[Group]:
     """Runs that differ only in seed (and per-run fields) → one Group each.
 
@@ -335,7 +379,7 @@ def group_runs(runs: Sequence[Run], ignore: Iterable[str] = ()) -> list[Group]:
     for i in order:
         group_runs_ = [runs[j] for j in members[i]]
         if differing_keys:
-            label = ", ".join(f"{key_name(k)}={shown[k][i]}" for k in differing_keys)
+            label = ", ".join(f"{key_name(k)}={text}" for k, text in _label_parts(differing, differing_keys, shown, i))
         else:
             label = _common_name(group_runs_)
         plain = {k: (None if v is _MISSING else v) for k, v in differing[i].items()}

@@ -13,6 +13,7 @@ import collections
 import hashlib
 import itertools
 import json
+import math
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -134,6 +135,9 @@ def _check_axes(axes: Sequence[Axis], zip_: bool) -> None:
         seen.add(ax.key)
         if not ax.values:
             raise LnsgdError(f"grid key {ax.key} has no values; expected {ax.key}=v1,v2,...")
+        bad = next((v for v in ax.values if not _finite(v)), None)
+        if bad is not None:
+            raise LnsgdError(f"grid key {ax.key}: {value_label(bad)} is not a finite number; use finite values, e.g. {ax.key}=0.5,1")
         if not zip_:
             texts = [value_text(v) for v in ax.values]
             dup = next((t for t in texts if texts.count(t) > 1), None)
@@ -144,6 +148,17 @@ def _check_axes(axes: Sequence[Axis], zip_: bool) -> None:
         if len(set(lengths.values())) > 1:
             shown = ", ".join(f"{k}: {n}" for k, n in lengths.items())
             raise LnsgdError(f"--zip pairs the grid lists element by element, so they need equal lengths ({shown})")
+
+
+def _finite(value: Any) -> bool:
+    """No NaN or ±inf anywhere in a value: a NaN equals nothing, so it could not name or find its point."""
+    if isinstance(value, float):
+        return math.isfinite(value)
+    if isinstance(value, (list, tuple)):
+        return all(_finite(v) for v in value)
+    if isinstance(value, dict):
+        return all(_finite(v) for v in value.values())
+    return True
 
 
 def expand(axes: Sequence[Axis], zip_: bool = False) -> list[dict[str, Any]]:

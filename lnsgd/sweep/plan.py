@@ -17,7 +17,7 @@ lock file keeps two sweeps from driving the same folder at once (``sweep_lock``)
 Sweep spec files (``recipes/sweeps/*.sweep``, YAML; detected by their top-level ``grid``
 key, which no recipe has)::
 
-    name: fig3-cifar10            # sweep name (default: the recipe's name)
+    name: fig3-cifar10            # sweep name (default: <recipe name>-<grid keys>)
     recipe: ../cifar10-lnsgd.yaml # relative to this file
     overrides: [train.epochs=100] # base overrides (relative paths: to this file)
     zip: false                    # true: pair the axes instead of crossing them
@@ -72,7 +72,7 @@ class SweepSpec(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     recipe: str = Field(description="the base recipe, relative to the spec file")
-    name: str | None = Field(None, description="sweep name; runs go to <log.dir>/<name>/<point>; null: the recipe's name")
+    name: str | None = Field(None, description="sweep name; runs go to <log.dir>/<name>/<point>; null: <recipe name>-<grid keys>")
     overrides: list[str] = Field(default_factory=list, description="key=value overrides applied to every point")
     zip: bool = Field(False, description="pair the grid lists element by element instead of crossing them")
     grid: dict[str, list[Any] | dict[str, Any]] = Field(
@@ -188,6 +188,19 @@ def jsonable(obj: Any) -> Any:
     return json.loads(json.dumps(obj, default=str))
 
 
+def default_name(recipe_name: str, axes: Sequence[Axis], zip_: bool) -> str:
+    """``<recipe name>-<grid keys>`` (``-zip`` when paired), e.g. ``quickstart-lr-seed``.
+
+    Never the recipe's own name, so a sweep does not land in the run folder that ``lnsgd
+    train`` made from the same recipe; the same command gives the same name, so a rerun
+    finds its own sweep. Keys are named as in point ids (the last component, the full key
+    where two axes share it).
+    """
+    last = [ax.key.rsplit(".", 1)[-1] for ax in axes]
+    keys = [ax.key if last.count(lst) > 1 else lst for ax, lst in zip(axes, last, strict=True)]
+    return safe_name("-".join([recipe_name, *keys] + (["zip"] if zip_ else [])))
+
+
 def plan_sweep(
     recipe: str | Path,
     grid: Sequence[str] = (),
@@ -245,7 +258,7 @@ def plan_sweep(
     recipe_path = path.resolve()
     base = load_recipe(recipe_path, base_overrides)
     points = expand(axes, zip_)
-    name = name or base.name
+    name = name or default_name(base.name, axes, zip_)
     if not name or safe_name(name) != name:
         raise LnsgdError(f"sweep name {name!r} is not a plain folder name; use letters, digits and ._=,+- (--name NAME)")
     sweep_dir = Path(base.log.dir) / name

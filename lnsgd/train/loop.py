@@ -22,14 +22,14 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from lnsgd.checkpoint import load_state_strict, read_checkpoint, save_atomic
+from lnsgd.checkpoint import load_state_strict, read_checkpoint, require_keys, save_atomic
 from lnsgd.data import Data, load, model_targets
 from lnsgd.errors import DivergedError, LnsgdError, RunInterrupted
 from lnsgd.losses import clean_loss, expected_loss, expected_loss_minimum, training_loss
 from lnsgd.models import DataSpec, build_model
 from lnsgd.recipe import RESUME_TOLERATED, Recipe, lambda_eff, lr_at, recipe_differences, recipe_to_dict, recipe_to_yaml, steps_per_epoch
 from lnsgd.runtime import StopFlag, backend_settings, claim_folder, environment_info, resolve_device, run_dir_for, signal_name, stream_seed
-from lnsgd.track import MetricsSink, Progress, read_jsonl, truncate_jsonl
+from lnsgd.track import DiskFull, MetricsSink, Progress, read_jsonl, truncate_jsonl, write_atomic
 from lnsgd.train.optim import build_optimizer
 from lnsgd.train.step import TrainSet, TrainStep, autocast_for, check_compile_mode, make_augment
 
@@ -160,18 +160,24 @@ def _train(recipe, run_dir, device, resume, force, progress, phases, sharpness_h
     run = Run(recipe, run_dir, data, model, phases, device, progress or Progress(), sharpness_hook)
     if resume:
         run.load_checkpoint()
-    (run_dir / "recipe.yaml").write_text(recipe_to_yaml(recipe))
+    write_atomic(run_dir / "recipe.yaml", recipe_to_yaml(recipe))
     run.open_sink()
     try:
         with run.stop:
-            for phase_index in range(run.pos.phase, len(phases)):
+            # A finished phase is skipped: after load_checkpoint that is only a run trained to the end.
+            for phase_index in range(run.pos.phase + run.pos.phase_done, len(phases)):
                 run.train_phase(phase_index)
     except torch.OutOfMemoryError:
         raise LnsgdError(run.out_of_memory_message()) from None
+    except DiskFull as e:  # a checkpoint or a metrics row did not fit: every file is as it was before the write
+        raise DiskFull(f"{e}; last good checkpoint: {run.last_good_checkpoint()}; free space, then continue with --resume") from None
     finally:
         run.progress.stop()
         run.sink.close()
-    return run.finish(command)
+    try:
+        return run.finish(command)
+    except DiskFull as e:  # last.pt holds the finished run: --resume only writes final.pt and summary.json again
+        raise DiskFull(f"{e}; the run is trained and checkpointed: free space, then continue with --resume") from None
 
 
 class Run:
@@ -197,6 +203,7 @@ class Run:
     def load_checkpoint(self) -> None:
         """Continue from checkpoints/last.pt: read on the CPU, then moved onto the run's device."""
         ckpt = read_checkpoint(self.ckpt_path)  # generator states must stay CPU ByteTensors
+        require_keys(ckpt, ("model", "optimizer", "accum", "recipe", *Position.__dataclass_fields__), self.ckpt_path, "--resume")
         diffs = [f"{key}: {was!r} → {now!r}"
                  for key, was, now in recipe_differences(recipe_to_dict(self.recipe), ckpt["recipe"], RESUME_TOLERATED)]  # fmt: skip
         if diffs:
@@ -222,6 +229,8 @@ class Run:
         truncate_jsonl(self.run_dir / "metrics.jsonl", lambda r: _row_position(r, self.phases) <= position)
         p = self.phases[self.pos.phase]
         if self.pos.phase_done and (self.pos.stopped_early or self.pos.epoch >= p.recipe.train.epochs):
+            if self.pos.phase + 1 == len(self.phases):
+                return  # trained to the end (final.pt or summary.json was not written): only finish() is left
             self.pos = Position(**{**self.pos.__dict__, "phase": self.pos.phase + 1, "epoch": 0, "batch": 0,
                                    "phase_done": False, "stopped_early": False})  # fmt: skip
             return  # the next phase starts with a fresh optimizer
@@ -407,7 +416,7 @@ class Run:
             "phases": {k: {kk: vv for kk, vv in v.items() if kk != "final"} for k, v in self.phase_results.items()},
             "environment": environment_info(self.device),
         }  # fmt: skip
-        (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+        write_atomic(self.run_dir / "summary.json", json.dumps(summary, indent=2, default=str))
         return summary
 
 
