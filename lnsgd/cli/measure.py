@@ -37,7 +37,10 @@ def measure_sharpness(
     device: Annotated[str, typer.Option("--device", help="auto, cpu or cuda")] = "auto",
     quiet: QuietOpt = False,
 ) -> None:
-    """tr∇²L, top eigenvalues, tr G and the implicit regularizer R(θ) of a checkpoint."""
+    """tr∇²L, top eigenvalues, tr G and the implicit regularizer R(θ) of a checkpoint.
+
+    Example (after lnsgd train recipes/quickstart.yaml): lnsgd measure-sharpness runs/quickstart/final.pt --hvps 100
+    """
     from lnsgd.sharpness import measure_checkpoint
 
     if loss not in ("expected", "clean"):
@@ -114,6 +117,8 @@ def bench(
     """lnsgd's training step vs the reference pipeline (torchvision + PIL + DataLoader), same process and model.
 
     On a CPU the defaults are a tiny configuration (width 4, 16×16 images, 256 examples); flags you pass are honoured.
+
+    Example: lnsgd bench --model cnn --steps 10 --json bench.json
     """
     import dataclasses
 

@@ -32,7 +32,10 @@ def plot(
     smooth: Annotated[int, typer.Option("--smooth", min=1, help="running-average window of the correlation panel")] = 1,
     ignore: IgnoreOpt = None,
 ) -> None:
-    """Figures from run folders: accuracy, sharpness and accuracy-vs-sharpness, seeds aggregated."""
+    """Figures from run folders: accuracy, sharpness and accuracy-vs-sharpness, seeds aggregated.
+
+    Example (after the lnsgd sweep example): lnsgd plot runs/quickstart-lr-seed --out plots
+    """
     from lnsgd.report import plot_runs
 
     if x not in ("epoch", "step", "time_s"):
@@ -52,7 +55,10 @@ def compare(
     csv: Annotated[Optional[Path], typer.Option("--csv", help="also write the table as CSV")] = None,
     ignore: IgnoreOpt = None,
 ) -> None:
-    """Final metrics per group of runs: median \\[min, max] over seeds."""  # \\[: rich reads [..] as markup
+    """Final metrics per group of runs: median \\[min, max] over seeds.
+
+    Example (after the lnsgd sweep example): lnsgd compare runs/quickstart-lr-seed --csv final.csv
+    """  # \\[: rich reads [..] as markup
     from lnsgd.report import compare_runs, compare_table, write_csv
 
     columns, rows = compare_runs(runs, ignore=ignore or ())

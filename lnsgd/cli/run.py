@@ -159,7 +159,10 @@ def demo(
     quick: Annotated[bool, typer.Option("--quick", help="tiny sizes, for a smoke test (numbers mean nothing)")] = False,
     quiet: QuietOpt = False,
 ) -> None:
-    """Quickstart: label-noise SGD escaping poor global minimizers on offline data (mnist1d), in minutes on a CPU."""
+    """Quickstart: label-noise SGD escaping poor global minimizers on offline data (mnist1d), in minutes on a CPU.
+
+    Example: lnsgd demo --out runs/demo
+    """
     from lnsgd.demo import demo_table, run_demo
 
     results = run_demo(out, force=force, seed=seed, quick=quick, fullbatch=fullbatch,

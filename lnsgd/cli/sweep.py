@@ -113,7 +113,7 @@ def sweep(
     Rerunning the same command skips finished runs, resumes interrupted ones from their last
     checkpoint and starts the rest. Progress and results are in <log.dir>/<name>/sweep.json.
 
-    Example, into runs/quickstart-lr-seed/: lnsgd sweep recipes/quickstart.yaml --grid optim.lr=0.05,0.1 --grid seed=0,1
+    Example, into runs/quickstart-lr-seed/: lnsgd sweep recipes/quickstart.yaml --grid optim.lr=0.05,0.1,0.2 --grid seed=0,1,2 --jobs 2
     """
     from lnsgd.errors import RunInterrupted
     from lnsgd.sweep import ProcessExecutor, SubmititExecutor, SubmititOptions, parse_slurm_options, plan_sweep, run_sweep
@@ -161,7 +161,10 @@ def sweep_status(
     sweep_dir: Annotated[Path, typer.Argument(help="a sweep folder, <log.dir>/<sweep name>", show_default=False)],
     as_json: Annotated[bool, typer.Option("--json", help="print the rows as JSON instead of a table")] = False,
 ) -> None:
-    """Points of a sweep: status, epoch, last train/test accuracy (and sharpness when measured)."""
+    """Points of a sweep: status, epoch, last train/test accuracy (and sharpness when measured).
+
+    Example (after the lnsgd sweep example): lnsgd sweep-status runs/quickstart-lr-seed
+    """
     import json
 
     from lnsgd.sweep import status_rows, status_table
