@@ -105,7 +105,7 @@ def run_demo(out: Path, *, force: bool = False, seed: int = 0, quick: bool = Fal
     from lnsgd.track import Progress
 
     out = Path(out)
-    claim_folder(out, what="demo folder", force=force, other="--out <another folder>")
+    claim_folder(out, what="demo folder", force=force, other="--out <another folder>", writable="choose a writable --out")
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # tiny models: one thread is faster than two fighting (6.5 vs 89 ms/step under load)
     try:

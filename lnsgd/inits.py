@@ -19,6 +19,7 @@ import torch
 from lnsgd.data import Data, model_targets
 from lnsgd.errors import LnsgdError
 from lnsgd.recipe import Recipe, with_overrides
+from lnsgd.track import write_atomic
 from lnsgd.train import Phase
 from lnsgd.train.step import TrainSet
 
@@ -163,5 +164,5 @@ def run_init(kind: str, recipe: Recipe, run_dir, *, resume: bool = False, force:
     summary = train(recipe, run_dir, resume=resume, force=force, progress=progress, phases=phases,
                     sharpness_hook=sharpness_hook, command=f"init-{kind}")  # fmt: skip
     summary["init"] = {"kind": kind, **init_outcome(summary, recipe, classification["value"])}
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    write_atomic(run_dir / "summary.json", json.dumps(summary, indent=2, default=str))
     return summary

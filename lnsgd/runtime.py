@@ -143,7 +143,8 @@ def refuse_existing(path: Path, *, what: str = "run folder", resume: bool = Fals
 
 
 def claim_folder(path: Path, *, what: str = "run folder", resume: bool = False, force: bool = False,
-                 other: str = "choose another name=<...>", make: Iterable[str] = ()) -> None:  # fmt: skip
+                 other: str = "choose another name=<...>", make: Iterable[str] = (),
+                 writable: str = "set log.dir to a writable folder") -> None:  # fmt: skip
     """Create ``path`` for a command's output, refusing to overwrite an existing one.
 
     An existing, non-empty folder is refused unless ``resume`` (kept as it is; it must
@@ -163,7 +164,7 @@ def claim_folder(path: Path, *, what: str = "run folder", resume: bool = False, 
         probe.write_text("")
         probe.unlink()
     except OSError as e:
-        raise LnsgdError(f"cannot write {what} {path} ({e.strerror or e}); set log.dir to a writable folder") from None
+        raise LnsgdError(f"cannot write {what} {path} ({e.strerror or e}); {writable}") from None
 
 
 def run_dir_for(recipe: Recipe, out: Path | None = None) -> Path:

@@ -73,7 +73,7 @@ from lnsgd.models import DEFAULT_WIDTH, DataSpec, QuadraticModel, TwoLayer
 from lnsgd.noise import apply_noise
 from lnsgd.recipe import Recipe, lambda_eff, recipe_to_dict, recipe_to_yaml
 from lnsgd.runtime import backend_settings, claim_folder, environment_info, refuse_existing, resolve_device, stream_seed
-from lnsgd.track import MetricsSink, Progress, read_jsonl
+from lnsgd.track import MetricsSink, Progress, read_jsonl, write_atomic
 from lnsgd.train.loop import make_model
 
 DTYPE = torch.float64
@@ -463,7 +463,7 @@ def _run(recipe: Recipe, run_dir: Path, device: torch.device, force: bool, progr
         )
 
     claim_folder(run_dir, force=force)  # the theory lab writes no checkpoints
-    (run_dir / "recipe.yaml").write_text(recipe_to_yaml(recipe))
+    write_atomic(run_dir / "recipe.yaml", recipe_to_yaml(recipe))
     sink = MetricsSink(run_dir, recipe.log.wandb, recipe.name, recipe_to_dict(recipe))
 
     batch_gen = torch.Generator(device=device).manual_seed(stream_seed(recipe.seed, "theory-batches"))
@@ -531,7 +531,7 @@ def _run(recipe: Recipe, run_dir: Path, device: torch.device, force: bool, progr
                       "grad_norm": grad_L0}  # fmt: skip
     trace0 = rows[0]["label_noise/trace_hessian"]
     summary["minibatch_noise_ratio"] = minibatch_noise_ratio(eta, recipe.optim.batch_size, len(y), trace0)
-    (run_dir / "summary.json").write_text(json.dumps(_json_safe(summary), indent=2, default=str))
+    write_atomic(run_dir / "summary.json", json.dumps(_json_safe(summary), indent=2, default=str))
     write_figure(run_dir)
     return summary
 

@@ -502,3 +502,17 @@ def test_plot_and_demo_into_an_unwritable_folder_are_one_line(cli, tmp_path, fin
     for out in (blocker / "demo", read_only / "demo"):
         line = one_line_error(cli("demo", "--quick", "--out", out, "--quiet"))
         assert f"cannot write demo folder {out}" in line, line
+
+
+def test_output_files_into_an_unwritable_folder_are_one_line(cli, write_recipe, tmp_path):
+    # compare --csv, measure-sharpness --json and bench --json write where they are told.
+    res = cli("train", write_recipe({"train": {"epochs": 1}}), "--quiet")
+    assert res.exit_code == 0, res.output
+    run = tmp_path / "runs" / "tiny"
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    line = one_line_error(cli("compare", run, "--csv", blocker / "final.csv"))
+    assert str(blocker) in line and "writable" in line
+    line = one_line_error(cli("measure-sharpness", run / "final.pt", "--hvps", "4", "--examples", "20", "--measure", "trace",
+                              "--json", blocker / "sharp.json", "--quiet"))  # fmt: skip
+    assert str(blocker) in line

@@ -92,6 +92,9 @@ def friendly(fn: Callable) -> Callable:
             raise fail(str(e)) from None
         except KeyboardInterrupt:
             raise fail("interrupted", 130) from None
+        except OSError as e:  # an output file a command was asked to write (--json, --csv, --density, …)
+            where = f" {e.filename}" if e.filename else ""
+            raise fail(f"cannot write or read{where} ({e.strerror or e}); choose a path in a writable folder") from None
 
     return wrapper
 

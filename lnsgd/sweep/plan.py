@@ -56,6 +56,7 @@ from lnsgd.recipe import (
     recipe_to_dict,
 )
 from lnsgd.sweep.grid import Axis, expand, parse_grid_option, point_ids, point_labels, safe_name, value_text
+from lnsgd.track import write_atomic
 
 FORMAT = "lnsgd-sweep-1"
 SWEEP_FILE = "sweep.json"
@@ -297,11 +298,9 @@ def read_sweep(sweep_dir: Path) -> dict:
 
 
 def write_sweep(sweep_dir: Path, data: dict) -> None:
-    """Atomically (tmp file + os.replace), so a reader never sees half a file."""
-    path = Path(sweep_dir) / SWEEP_FILE
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
-    os.replace(tmp, path)
+    """Atomically (this writer's own temporary file + os.replace), so a reader never sees
+    half a file and two writers never share a temporary file."""
+    write_atomic(Path(sweep_dir) / SWEEP_FILE, json.dumps(data, indent=2, default=str) + "\n")
 
 
 def utc_now() -> str:
