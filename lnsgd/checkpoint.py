@@ -9,8 +9,6 @@ plain mapping, the data spec, and the lnsgd version.
 
 from __future__ import annotations
 
-import contextlib
-import os
 from pathlib import Path
 
 import torch
@@ -18,7 +16,7 @@ from torch import nn
 
 from lnsgd import __version__
 from lnsgd.errors import LnsgdError
-from lnsgd.track import disk_full_error, is_disk_full, remove_stale_temps, temp_path
+from lnsgd.track import replace_atomically
 
 FORMAT = "lnsgd-checkpoint-1"
 
@@ -67,30 +65,22 @@ def save_atomic(obj: dict, path: Path) -> None:
     """
     path.parent.mkdir(parents=True, exist_ok=True)
     payload = {"format": FORMAT, "lnsgd_version": __version__, **obj}
-    remove_stale_temps(path)
-    tmp = temp_path(path)
-    try:
-        with open(tmp, "wb") as f:
-            writer = _Writer(f)
-            try:
-                torch.save(payload, writer)
-            except RuntimeError:
-                if writer.error is not None:
-                    raise writer.error from None
-                raise
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException as exc:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        if is_disk_full(exc):
-            counter = _Counter()
-            torch.save(payload, counter)
-            raise disk_full_error(path, counter.size) from None
-        if isinstance(exc, OSError):
-            raise LnsgdError(f"cannot write {path} ({exc.strerror or exc})") from None
-        raise
+
+    def write(f) -> None:
+        writer = _Writer(f)
+        try:
+            torch.save(payload, writer)
+        except RuntimeError:
+            if writer.error is not None:  # torch reports a failed write as "unexpected pos"
+                raise writer.error from None
+            raise
+
+    def size() -> int:
+        counter = _Counter()
+        torch.save(payload, counter)
+        return counter.size
+
+    replace_atomically(path, write, size)
 
 
 def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict:

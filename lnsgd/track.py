@@ -15,8 +15,9 @@ import os
 import shutil
 import socket
 import warnings
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 from lnsgd.errors import LnsgdError
 
@@ -92,19 +93,19 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def write_atomic(path: Path, data: str | bytes) -> None:
-    """Write ``data`` to ``path`` via this writer's temporary file and ``os.replace``.
+def replace_atomically(path: Path, write: Callable[[BinaryIO], None], size: Callable[[], int]) -> None:
+    """Write ``path`` with ``write(file)`` into this writer's temporary file, fsync, then ``os.replace``.
 
-    A crash or a full disk leaves ``path`` as it was and no temporary file behind;
-    running out of space is a ``DiskFull`` naming the folder and the space needed.
+    A crash, a kill or a full disk leaves ``path`` as it was and no temporary file behind
+    (a killed writer's file is removed by the next write); running out of space is a
+    ``DiskFull`` naming the folder and the space needed (``size()`` bytes).
     """
     path = Path(path)
-    payload = data.encode() if isinstance(data, str) else data
     remove_stale_temps(path)
     tmp = temp_path(path)
     try:
         with open(tmp, "wb") as f:
-            f.write(payload)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -112,10 +113,16 @@ def write_atomic(path: Path, data: str | bytes) -> None:
         with contextlib.suppress(OSError):
             tmp.unlink()
         if is_disk_full(exc):
-            raise disk_full_error(path, len(payload)) from None
+            raise disk_full_error(path, size()) from None
         if isinstance(exc, OSError):
             raise LnsgdError(f"cannot write {path} ({exc.strerror or exc})") from None
         raise
+
+
+def write_atomic(path: Path, data: str | bytes) -> None:
+    """Write ``data`` (text as UTF-8) to ``path`` atomically (``replace_atomically``)."""
+    payload = data.encode() if isinstance(data, str) else data
+    replace_atomically(path, lambda f: f.write(payload), lambda: len(payload))
 
 
 class JsonlSink:
