@@ -103,7 +103,9 @@ class SignalTrap:
 class StopFlag(SignalTrap):
     """Set by SIGINT/SIGTERM; the loop finishes the current step, checkpoints and stops.
 
-    A second signal while stopping raises KeyboardInterrupt at once.
+    A second Ctrl-C (SIGINT) while stopping raises KeyboardInterrupt at once: a person
+    asked twice. Repeated SIGTERMs (a cluster's requeue, preemption, a scheduler that
+    signals every process) change nothing: the checkpoint is written once, untorn.
     """
 
     def __init__(self):
@@ -112,7 +114,9 @@ class StopFlag(SignalTrap):
 
     def _stop(self, signum: int) -> None:
         if self.signal is not None:
-            raise KeyboardInterrupt
+            if signum == signal.SIGINT and self.signal == signal.SIGINT:
+                raise KeyboardInterrupt
+            return
         self.signal = signum
 
     def request(self, signum: int) -> None:

@@ -286,3 +286,33 @@ def test_usage_errors_are_one_line_with_exit_code_2(args, says, tmp_path):
     assert proc.returncode == 2 and proc.stdout == ""
     assert proc.stderr.count("\n") == 1 and proc.stderr.startswith("error: ") and says in proc.stderr, proc.stderr
     assert "--help" in proc.stderr
+
+
+def test_repeated_sigterm_checkpoints_once_and_resumes_exactly(write_recipe, tmp_path):
+    # A cluster may send SIGTERM more than once (requeue, preemption, then the job step's
+    # own signal); only a second Ctrl-C means "give up now".
+    from lnsgd.track import Progress
+
+    class TwoSigterms(Progress):
+        def advance(self, epoch, info):
+            if epoch == 2:
+                os.kill(os.getpid(), signal.SIGTERM)
+                os.kill(os.getpid(), signal.SIGTERM)
+
+    recipe = load_recipe(write_recipe({"train": {"epochs": 4}}))
+    train(recipe, tmp_path / "a")
+    with pytest.raises(RunInterrupted, match="SIGTERM"):
+        train(recipe, tmp_path / "b", progress=TwoSigterms())
+    assert torch.load(tmp_path / "b/checkpoints/last.pt", weights_only=True)["epoch"] == 2
+    train(recipe, tmp_path / "b", resume=True)
+    assert same_weights(weights(tmp_path / "a/final.pt"), weights(tmp_path / "b/final.pt"))
+
+
+def test_a_second_ctrl_c_still_gives_up_at_once():
+    from lnsgd.runtime import StopFlag
+
+    with StopFlag() as stop:
+        os.kill(os.getpid(), signal.SIGINT)
+        assert stop.signal == signal.SIGINT
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)

@@ -134,7 +134,7 @@ class _checkpoint_on_preemption:
         loop = signal.getsignal(signal.SIGTERM)
         if self.pending is None and isinstance(getattr(loop, "__self__", None), StopFlag):
             self.pending = signum
-            loop(signal.SIGTERM, None)  # the loop checkpoints after this step, then raises RunInterrupted
+            loop.__self__.request(signal.SIGTERM)  # the loop checkpoints after this step, then raises RunInterrupted
         elif self.pending is None:
             self.pending = signum
             self.requeue()
