@@ -15,12 +15,16 @@ sweeps alike:
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
+import json
+import os
 import platform
 import shutil
 import signal
 import subprocess
 import threading
+import time
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
@@ -156,6 +160,8 @@ def claim_folder(path: Path, *, what: str = "run folder", resume: bool = False, 
     to create. A folder that cannot be written is one clear error.
     """
     exists = refuse_existing(path, what=what, resume=resume, force=force, other=other)
+    if exists:
+        refuse_if_in_use(path)
     if resume and not (path / "checkpoints" / "last.pt").exists():
         raise LnsgdError(f"nothing to resume in {path} (no checkpoints/last.pt); run without --resume")
     try:
@@ -169,6 +175,69 @@ def claim_folder(path: Path, *, what: str = "run folder", resume: bool = False, 
         probe.unlink()
     except OSError as e:
         raise LnsgdError(f"cannot write {what} {path} ({e.strerror or e}); {writable}") from None
+
+
+LOCK_FILE = ".lnsgd.lock"
+
+
+class RunLock:
+    """One writer per run folder, for the run's lifetime: an exclusive ``flock`` on
+    ``<run>/.lnsgd.lock``, which names its holder (pid, host, Slurm job id, start time).
+
+    The kernel releases the lock when its process ends however it ends (SIGKILL, OOM,
+    node reboot), so a lock file left by a dead writer is never mistaken for a live one.
+    A second writer — ``--resume`` or ``--force`` while a run is training there, a
+    sweep's second job on the same point — is refused with one line naming the holder.
+    """
+
+    def __init__(self, run_dir: Path):
+        self.path = Path(run_dir) / LOCK_FILE
+        self._fd: int | None = None
+
+    def __enter__(self) -> RunLock:
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise LnsgdError(f"run folder {self.path.parent} is in use by {holder(self.path)}; wait for that run to end "
+                             "(or stop it), then try again") from None  # fmt: skip
+        info = {"pid": os.getpid(), "host": platform.node(), "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
+                "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}  # fmt: skip
+        os.ftruncate(fd, 0)
+        os.write(fd, json.dumps(info).encode())
+        self._fd = fd
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # releases the flock; the file stays, naming the last holder
+            self._fd = None
+
+
+def holder(lock_path: Path) -> str:
+    """Who holds a run folder's lock, in words, from what the holder wrote."""
+    try:
+        info = json.loads(lock_path.read_text() or "{}")
+    except (OSError, ValueError):
+        return "another process"
+    job = f", Slurm job {info['slurm_job_id']}" if info.get("slurm_job_id") else ""
+    return f"pid {info.get('pid', '?')} on {info.get('host', '?')}{job} (since {info.get('started', '?')})"
+
+
+def refuse_if_in_use(path: Path) -> None:
+    """Refuse to touch a run folder another live process is writing (before --force removes it)."""
+    lock = path / LOCK_FILE
+    if not lock.exists():
+        return
+    fd = os.open(lock, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise LnsgdError(f"run folder {path} is in use by {holder(lock)}; wait for that run to end (or stop it), "
+                         "then try again") from None  # fmt: skip
+    finally:
+        os.close(fd)
 
 
 def run_dir_for(recipe: Recipe, out: Path | None = None) -> Path:

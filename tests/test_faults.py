@@ -12,6 +12,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 import types
 from pathlib import Path
 
@@ -516,3 +517,50 @@ def test_output_files_into_an_unwritable_folder_are_one_line(cli, write_recipe, 
     line = one_line_error(cli("measure-sharpness", run / "final.pt", "--hvps", "4", "--examples", "20", "--measure", "trace",
                               "--json", blocker / "sharp.json", "--quiet"))  # fmt: skip
     assert str(blocker) in line
+
+
+# --------------------------------------------------------------------------- one writer per run folder
+
+HOLD_AT_EPOCH_2 = """
+import sys
+from pathlib import Path
+import lnsgd.track as track
+marker = Path(sys.argv[2])
+def advance(self, epoch, info):
+    if epoch == 2:  # epoch 1 is checkpointed; hold the run (and its lock) until killed
+        marker.write_text("holding")
+        sys.stdin.read()
+track.Progress.advance = advance
+from lnsgd.cli import main
+sys.argv = ["lnsgd", "train", sys.argv[1], "--quiet"]
+main()
+"""
+
+
+def test_a_second_writer_is_refused_while_a_run_trains_and_a_killed_writers_lock_is_not(cli, write_recipe, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the child's folder: relative defaults (data.root) resolve alike
+    recipe = write_recipe({"train": {"epochs": 4}})
+    ref = write_recipe({"train": {"epochs": 4}, "name": "ref"}, name="ref.yaml")
+    assert cli("train", ref, "--quiet").exit_code == 0
+    marker = tmp_path / "holding"
+    child = subprocess.Popen([sys.executable, "-c", HOLD_AT_EPOCH_2, str(recipe), str(marker)], cwd=tmp_path,
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
+    try:
+        for _ in range(600):  # a handshake, not a race: the child waits for us once the marker exists
+            if marker.exists() or child.poll() is not None:
+                break
+            time.sleep(0.1)
+        assert marker.exists(), child.communicate()[1]
+        run = tmp_path / "runs" / "tiny"
+        rows = (run / "metrics.jsonl").read_bytes()
+        for flag in ("--resume", "--force"):
+            line = one_line_error(cli("train", recipe, flag, "--quiet"))
+            assert "in use by pid" in line and str(child.pid) in line, line
+        assert (run / "metrics.jsonl").read_bytes() == rows  # --force removed nothing
+    finally:
+        child.kill()
+        child.communicate()
+    # The kernel released the dead writer's lock: resuming is allowed and exact.
+    res = cli("train", recipe, "--resume", "--quiet")
+    assert res.exit_code == 0, res.output
+    assert same_weights(weights(tmp_path / "runs/ref/final.pt"), weights(tmp_path / "runs/tiny/final.pt"))

@@ -28,7 +28,17 @@ from lnsgd.errors import DivergedError, LnsgdError, RunInterrupted
 from lnsgd.losses import clean_loss, expected_loss, expected_loss_minimum, training_loss
 from lnsgd.models import DataSpec, build_model
 from lnsgd.recipe import RESUME_TOLERATED, Recipe, lambda_eff, lr_at, recipe_differences, recipe_to_dict, recipe_to_yaml, steps_per_epoch
-from lnsgd.runtime import StopFlag, backend_settings, claim_folder, environment_info, resolve_device, run_dir_for, signal_name, stream_seed
+from lnsgd.runtime import (
+    RunLock,
+    StopFlag,
+    backend_settings,
+    claim_folder,
+    environment_info,
+    resolve_device,
+    run_dir_for,
+    signal_name,
+    stream_seed,
+)
 from lnsgd.track import DiskFull, MetricsSink, Progress, read_jsonl, truncate_jsonl, write_atomic
 from lnsgd.train.optim import build_optimizer
 from lnsgd.train.step import TrainSet, TrainStep, autocast_for, check_compile_mode, make_augment
@@ -156,7 +166,11 @@ def _train(recipe, run_dir, device, resume, force, progress, phases, sharpness_h
     # Everything that can fail on bad input (init.checkpoint, compile mode) comes before the run folder exists.
     model = make_model(recipe, data.spec, device, load_init=not resume)
     claim_folder(run_dir, resume=resume, force=force, make=["checkpoints"])
+    with RunLock(run_dir):  # one writer for the run's lifetime
+        return _run(recipe, run_dir, data, model, phases, device, resume, progress, sharpness_hook, command)
 
+
+def _run(recipe, run_dir, data, model, phases, device, resume, progress, sharpness_hook, command) -> dict:
     run = Run(recipe, run_dir, data, model, phases, device, progress or Progress(), sharpness_hook)
     if resume:
         run.load_checkpoint()
