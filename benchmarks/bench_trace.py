@@ -24,6 +24,24 @@ measured on the flip-noise expected loss (label-smoothed CE, p = 0.2) as
 - ``cnn-gn``: the same with GroupNorm, where ∇²L − G has a nonzero trace;
 - ``mlp-tanh``: a tanh MLP (64-32-10, 2410 parameters) on sklearn digits.
 
+Held-out models, added after the estimator's defaults were fixed and never used to
+choose them (issue 19):
+
+- ``digits-gn-cnn2d``: a 2-D GroupNorm ReLU CNN on the 8×8 digits images (conv 8-8, FC 16);
+- ``digits-relu-cnn2d``: the same without GroupNorm (every layer linear: ``auto:exact``);
+- ``mlp-gelu``: a GELU MLP of another width (64-40-10) on digits.
+
+Every model is a clean-loss minimizer measured on the flip-noise smoothed loss, the
+regime where ∇²L − G is largest.
+
+The closing table charges every product: Hutchinson spends the whole budget on HVPs;
+auto is charged ⌈t(exact tr G)/t(HVP)⌉ HVPs for tr G (timed in this process) plus its
+pilot and XTrace's products, or tr G alone where it is exact. It prints auto's and
+Hutchinson's relative RMS error, their ratio, and one HVP's cost with the gradient
+graph cached and rebuilt. ``--cache-examples N`` also times HVPs of a quickstart-sized
+MLP (40-256-256-10) on N mnist1d examples at the CLI's chunk_size 1024, with the
+chunked graph cache (default) and without.
+
 The reference is the trace of the dense Hessian (one HVP per column; the HVP
 equals the dense Hessian to 1e-10, see tests/test_curvature.py), and the error
 statistics are computed on the dense matrices H and H − G (G from dense
@@ -35,8 +53,8 @@ dense Hessian fits: its reference is exact tr G plus the residual's trace from
 ``--reference-probes`` Hutchinson probes (its standard error is printed). Its loss
 is the recipe's expected loss, or flip noise p's with ``--checkpoint-flip p``.
 
-    .venv/bin/python benchmarks/bench_trace.py [--models cnn cnn-gn mlp-tanh]
-        [--budgets 50 100 200] [--seeds 20] [--checkpoint runs/quickstart-adversarial/final.pt]
+    .venv/bin/python benchmarks/bench_trace.py [--models cnn cnn-gn mlp-tanh digits-gn-cnn2d digits-relu-cnn2d mlp-gelu]
+        [--budgets 50 100 200] [--seeds 20] [--cache-examples 4000] [--checkpoint runs/quickstart-adversarial/final.pt]
 """
 
 from __future__ import annotations
@@ -93,6 +111,15 @@ def small_cnn(groupnorm: bool) -> nn.Module:
     )  # fmt: skip
 
 
+def digits_cnn2d(groupnorm: bool) -> nn.Module:
+    norm = (lambda c: nn.GroupNorm(2, c)) if groupnorm else (lambda c: nn.Identity())
+    return nn.Sequential(
+        nn.Conv2d(1, 8, 3, 1, 1), norm(8), nn.ReLU(),
+        nn.Conv2d(8, 8, 3, 2, 1), norm(8), nn.ReLU(),
+        nn.Flatten(), nn.Linear(128, 16), nn.ReLU(), nn.Linear(16, 10),
+    )  # fmt: skip
+
+
 def fit(model: nn.Module, x: torch.Tensor, y: torch.Tensor, max_steps: int = 3000) -> tuple[nn.Module, int, float]:
     """Adam on the clean labels until the train loss is 0.01 (a global minimizer)."""
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
@@ -114,6 +141,15 @@ def build(name: str, examples: int):
         x, y = digits(examples)
         model = nn.Sequential(nn.Linear(64, 32), nn.Tanh(), nn.Linear(32, 10)).double()
         desc = "tanh MLP 64-32-10 on sklearn digits"
+    elif name == "mlp-gelu":
+        x, y = digits(examples)
+        model = nn.Sequential(nn.Linear(64, 40), nn.GELU(), nn.Linear(40, 10)).double()
+        desc = "GELU MLP 64-40-10 on sklearn digits (held out)"
+    elif name.startswith("digits-"):
+        x, y = digits(examples)
+        x = x.view(-1, 1, 8, 8)
+        model = digits_cnn2d(name == "digits-gn-cnn2d").double()
+        desc = f"2-D ReLU CNN{' with GroupNorm' if 'gn' in name else ''} on 8×8 sklearn digits (held out)"
     else:
         x, y = mnist1d(examples)
         model = small_cnn(name == "cnn-gn").double()
@@ -163,13 +199,70 @@ def seconds(fn, repeats: int = 1) -> float:
     return (time.perf_counter() - start) / repeats
 
 
-def gn_cost_in_hvps(model, loss_fn, x, y) -> tuple[int, float, float]:
-    op, dim = cv.hessian_matvec(model, loss_fn, x, y)
-    v = torch.randn(dim, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
-    op(v)  # builds the cached gradient graph
-    hvp_s = seconds(lambda: op(v), 10)
+def hvp_seconds(model, loss_fn, x, y, cache_graph: bool | None, chunk_size: int = 1024, repeats: int = 10) -> float:
+    """One HVP's wall time, cached (after the first product built the graphs) or rebuilt each time."""
+    op, dim = cv.hessian_matvec(model, loss_fn, x, y, chunk_size, cache_graph=cache_graph)
+    v = torch.randn(dim, generator=torch.Generator().manual_seed(0), dtype=next(model.parameters()).dtype)
+    op(v)  # builds the cached gradient graph (and decides whether to keep it)
+    return min(seconds(lambda: op(v), repeats) for _ in range(2))
+
+
+def gn_cost_in_hvps(model, loss_fn, x, y) -> tuple[int, float, float, float]:
+    hvp_s = hvp_seconds(model, loss_fn, x, y, cache_graph=None)  # the default: cached here (one chunk)
+    uncached_s = hvp_seconds(model, loss_fn, x, y, cache_graph=False)
     gn_s = min(seconds(lambda: cv.exact_trace_gauss_newton(model, loss_fn, x, y)) for _ in range(3))
-    return math.ceil(gn_s / hvp_s), gn_s, hvp_s
+    return math.ceil(gn_s / hvp_s), gn_s, hvp_s, uncached_s
+
+
+SUMMARY: list[tuple] = []  # (model, budget, hutchinson rms, auto rms, auto's method, charge, hvp ms cached, uncached)
+
+
+def auto_estimate(model, H, HmG, dim, trace_gn: float, rest: int, g) -> tuple[float, str]:
+    """What trace_hessian(method="auto") returns, on the dense matrices: exact tr G where the
+    model is provably piecewise linear, else the pilot's choice and XTrace on ``rest`` products."""
+    if cv.is_piecewise_linear(model):
+        return trace_gn, "auto:exact"
+    est = cv.choose_trace(H, HmG, dim, trace_gn, rest, g)
+    return est.value, est.method
+
+
+def rms_of(errors: list[float]) -> float:
+    return math.sqrt(sum(e * e for e in errors) / len(errors))
+
+
+def summary() -> None:
+    """The closing table: every product charged, auto (default) against Hutchinson."""
+    print("## auto (default) vs Hutchinson, all products charged (tr G in HVP-equivalents timed above)\n")
+    print("| model | HVPs | Hutchinson | auto (default) | auto's choice | Hutchinson / auto | tr G charged (HVPs) "
+          "| HVP ms cached | HVP ms uncached |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for name, budget, hutch, auto, methods, charge, cached, uncached in SUMMARY:
+        # An exact estimate's error is rounding (~1e-15): its ratio to Hutchinson's says nothing more.
+        auto_text, ratio = (f"{auto:.3%}", f"{hutch / auto:.1f}×") if auto > 1e-9 else (f"{auto:.0e}", "exact")
+        print(f"| {name} | {budget} | {hutch:.3%} | {auto_text} | {methods} | {ratio} | {charge} | {cached * 1e3:.2f} | "
+              f"{uncached * 1e3:.2f} |")
+    print()
+
+
+def bench_cache(examples: int, threads: int) -> None:
+    """HVP time at the CLI's defaults (chunk_size 1024) with the chunked graph cache and without."""
+    from lnsgd.data import _load_mnist1d
+
+    x, y, _, _ = _load_mnist1d()
+    n = min(examples, len(x))
+    x, y = standardized(x[:n].flatten(1)), y[:n]
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(40, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 10)).eval()
+    loss_fn = cv.smoothed_cross_entropy(0.2, 10)
+    op, dim = cv.hessian_matvec(model, loss_fn, x, y)
+    op(torch.zeros(dim))
+    cached = hvp_seconds(model, loss_fn, x, y, cache_graph=None, repeats=5)
+    uncached = hvp_seconds(model, loss_fn, x, y, cache_graph=False, repeats=5)
+    print(f"== graph cache at the CLI's defaults: MLP 40-256-256-10 ({dim:,} parameters, float32) on {n} mnist1d examples, "
+          f"chunk_size 1024 ({math.ceil(n / 1024)} chunks), {threads} thread(s)")
+    print(f"default (cache_graph=None): cache {'kept' if op.cache_graph else 'off'}, estimated graph "
+          f"{op.graph_bytes / 2**20:.1f} MiB ≤ bound; HVP {cached * 1e3:.2f} ms cached, {uncached * 1e3:.2f} ms rebuilt "
+          f"(cache_graph=False): {uncached / cached:.2f}× faster\n")
 
 
 def report(rows: dict[int, dict[str, list[float]]], times: dict[int, dict[str, float]], charge: int) -> None:
@@ -182,7 +275,7 @@ def report(rows: dict[int, dict[str, list[float]]], times: dict[int, dict[str, f
     for budget, errors in rows.items():
         rms = {k: math.sqrt(sum(e * e for e in v) / len(v)) for k, v in errors.items()}
         med = {k: statistics.median(abs(e) for e in v) for k, v in errors.items()}
-        ratio = rms["hutchinson"] / rms["auto"] if rms["auto"] > 0 else math.inf
+        ratio = rms["hutchinson"] / rms["auto"] if rms["auto"] > 1e-9 else math.inf  # ∞: auto:exact, rounding error only
         print(
             f"{budget:>5}  {rms['hutchinson']:>9.3%}/{med['hutchinson']:<9.3%}  {rms['xtrace']:>7.3%}/{med['xtrace']:<8.3%}  "
             f"{rms['split']:>7.3%}/{med['split']:<8.3%}  {rms['auto']:>7.3%}/{med['auto']:<8.3%}  {ratio:>12.1f}x  "
@@ -202,8 +295,9 @@ def bench_dense(name: str, examples: int, budgets: list[int], seeds: int) -> Non
     G = dense_gauss_newton(model, loss_fn, x)
     exact = float(torch.trace(H))
     gn = cv.exact_trace_gauss_newton(model, loss_fn, x, y)
-    charge, gn_s, hvp_s = gn_cost_in_hvps(model, loss_fn, x, y)
-    print(f"== {name}: {desc}; {dim} parameters, {examples} examples")
+    charge, gn_s, hvp_s, uncached_s = gn_cost_in_hvps(model, loss_fn, x, y)
+    exact_model = cv.is_piecewise_linear(model)
+    print(f"== {name}: {desc}; {dim} parameters, {examples} examples; piecewise linear (auto:exact): {exact_model}")
     print(
         f"exact tr∇²L = {exact:.6g} (dense, {dense_s:.0f}s); tr G = {float(torch.trace(G)):.6g} dense, "
         f"{gn.value:.6g} exact_trace_gauss_newton; tr(∇²L − G) = {exact - float(torch.trace(G)):.3g}"
@@ -211,21 +305,26 @@ def bench_dense(name: str, examples: int, budgets: list[int], seeds: int) -> Non
     off = lambda M: float((M**2).sum() - (torch.diagonal(M) ** 2).sum())  # noqa: E731
     print(
         f"Hutchinson's per-probe variance ∝ off-diagonal ‖·‖²: {off(H):.4g} for ∇²L, {off(H - G):.4g} for ∇²L − G; "
-        f"HVP {hvp_s * 1e3:.1f} ms, exact tr G {gn_s * 1e3:.0f} ms"
+        f"HVP {hvp_s * 1e3:.1f} ms cached, {uncached_s * 1e3:.1f} ms rebuilt; exact tr G {gn_s * 1e3:.0f} ms"
     )
     rows, times = {}, {}
     residual, _ = cv.residual_matvec(model, loss_fn, x, y)
     for budget in budgets:
         rest = max(budget - charge, 4)
         errors = {"hutchinson": [], "xtrace": [], "split": [], "auto": []}
+        methods = set()
         for seed in range(seeds):
             g = lambda: torch.Generator().manual_seed(seed)  # noqa: E731
             errors["hutchinson"].append((cv.estimate_trace(H, dim, budget, g(), method="hutchinson").value - exact) / exact)
             errors["xtrace"].append((cv.estimate_trace(H, dim, budget, g()).value - exact) / exact)
             resid = cv.estimate_trace(H - G, dim, rest, g()).value  # XTrace, as trace_hessian does
             errors["split"].append((gn.value + resid - exact) / exact)
-            errors["auto"].append((cv.choose_trace(H, H - G, dim, gn.value, rest, g()).value - exact) / exact)
+            value, method = auto_estimate(model, H, H - G, dim, gn.value, rest, g())
+            errors["auto"].append((value - exact) / exact)
+            methods.add(method.removeprefix("auto:"))
         rows[budget] = errors
+        SUMMARY.append((name, budget, rms_of(errors["hutchinson"]), rms_of(errors["auto"]), "/".join(sorted(methods)), charge,
+                        hvp_s, uncached_s))  # fmt: skip
         times[budget] = {
             "hutchinson": seconds(lambda: pyhessian_style_trace(model, loss_fn, x, y, budget, torch.Generator().manual_seed(0))),
             "auto": seconds(lambda: cv.trace_hessian(model, loss_fn, x, y, rest, torch.Generator().manual_seed(0))),
@@ -248,7 +347,7 @@ def bench_checkpoint(path: str, examples: int, budgets: list[int], seeds: int, r
     op, dim = cv.hessian_matvec(model, loss_fn, x, y)
     residual, _ = cv.residual_matvec(model, loss_fn, x, y)
     gn = cv.exact_trace_gauss_newton(model, loss_fn, x, y)
-    charge, gn_s, hvp_s = gn_cost_in_hvps(model, loss_fn, x, y)
+    charge, gn_s, hvp_s, _ = gn_cost_in_hvps(model, loss_fn, x, y)
     ref = cv.estimate_trace(residual, dim, reference_probes, torch.Generator().manual_seed(10_000), method="hutchinson")
     exact = gn.value + ref.value
     print(f"== checkpoint {path}: {recipe.model.name} on {recipe.data.name}, {dim} parameters, {len(x)} examples, {loss_fn!r}, float32")
@@ -279,7 +378,9 @@ def bench_checkpoint(path: str, examples: int, budgets: list[int], seeds: int, r
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--models", nargs="*", default=["cnn", "cnn-gn", "mlp-tanh"], choices=["cnn", "cnn-gn", "mlp-tanh"])
+    names = ["cnn", "cnn-gn", "mlp-tanh", "digits-gn-cnn2d", "digits-relu-cnn2d", "mlp-gelu"]
+    parser.add_argument("--models", nargs="*", default=names, choices=names)
+    parser.add_argument("--cache-examples", type=int, default=4000, help="time the chunked graph cache on N examples (0: skip)")
     parser.add_argument("--examples", type=int, default=512)
     parser.add_argument("--budgets", type=int, nargs="+", default=[50, 100, 200])
     parser.add_argument("--seeds", type=int, default=20)
@@ -292,8 +393,12 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     print(f"machine: {cpu_name()}, {torch.get_num_threads()} torch thread(s); torch {torch.__version__}\n")
+    if args.cache_examples:
+        bench_cache(args.cache_examples, torch.get_num_threads())
     for name in args.models:
         bench_dense(name, args.examples, args.budgets, args.seeds)
+    if args.models:
+        summary()
     if args.checkpoint:
         bench_checkpoint(
             args.checkpoint, args.checkpoint_examples, args.budgets, args.checkpoint_seeds, args.reference_probes, args.checkpoint_flip

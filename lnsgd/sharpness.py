@@ -27,7 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from lnsgd import curvature
-from lnsgd.curvature.operators import check_int
+from lnsgd.curvature.operators import check_int, free_memory
 from lnsgd.curvature.regularizer import deflation_run_length, eta_bound, regularizer_scale
 from lnsgd.data import Data, model_targets
 from lnsgd.errors import LnsgdError
@@ -101,7 +101,9 @@ def _measure_sharpness(
         the residual: ``curvature.trace_hessian(method="split")``) — both need a
         loss with ``.kind`` — or an ``estimate_trace`` method on ∇²L itself:
         "xtrace", "hutchpp", "hutchinson". The result's ``trace_method`` says
-        which was used (``auto:split`` / ``auto:hessian`` for auto).
+        which was used (``auto:split`` / ``auto:hessian`` for auto, or
+        ``auto:exact`` where every parameter provably enters the model linearly,
+        ``curvature.is_piecewise_linear``: then tr∇²L = tr G, no product, stderr 0).
     hvps: Hessian-vector products per estimator. When R is measured, its
         deflation Lanczos run (70% of ``hvps``) also yields λ_max and the top
         eigenvalues, so they cost nothing extra; otherwise they get their own run
@@ -129,7 +131,9 @@ def _measure_sharpness(
     ``sharp/trace_hessian``, ``sharp/trace_hessian_stderr``, ``sharp/lambda_max``,
     ``sharp/top_eigenvalues`` (list, largest first), ``sharp/trace_gn``,
     ``sharp/trace_gn_stderr``, ``sharp/R``, ``sharp/R_stderr`` (only those
-    measured), plus ``hvps`` (products spent), ``examples`` and ``seconds``.
+    measured), plus ``hvps_per_estimator`` (the budget ``hvps``), ``hvps_spent``
+    (the HVPs all estimators spent together; exact tr G is not an HVP and not
+    counted), ``hvps`` (the same as ``hvps_spent``), ``examples`` and ``seconds``.
     """
     measures = _check_measures(measures)
     check_int("hvps", hvps, 10 if "R" in measures else 4)
@@ -143,6 +147,12 @@ def _measure_sharpness(
         regularizer_scale(eta, momentum)  # checks η and β before any product is spent
     if not isinstance(generator, torch.Generator):
         raise LnsgdError(f"generator must be a torch.Generator; got {type(generator).__name__}")
+    if (split or "trace_gn" in measures) and curvature.loss_kind(loss_fn) is None:
+        raise LnsgdError(
+            f"trace_method={trace_method!r} and the measure 'trace_gn' need tr G, which needs a loss with .kind 'cross_entropy' "
+            f"or 'mse' (lnsgd.curvature.cross_entropy_loss, smoothed_cross_entropy(p, C) or mse_loss); got {loss_fn!r}; "
+            "for other losses pass trace_method='xtrace' and leave 'trace_gn' out of measures"
+        )
     if rtol is not None and not (isinstance(rtol, (int, float)) and 0 < rtol < 1):
         raise LnsgdError(f"rtol must be a number between 0 and 1 (e.g. 0.02 for 2%); got {rtol!r}")
 
@@ -189,7 +199,15 @@ def _measure_sharpness(
             if "trace_gn" in measures:
                 result["sharp/trace_gn"] = gn.value
                 result["sharp/trace_gn_stderr"] = 0.0
-        if split:
+        if split and trace_method == "auto" and curvature.is_piecewise_linear(model):
+            # Every parameter enters linearly: tr(∇²L − G) = 0 exactly, no product needed.
+            tr = curvature.exact_split(gn.value)
+            op.release()
+            result["sharp/trace_hessian"] = tr.value
+            result["sharp/trace_hessian_stderr"] = tr.stderr
+            result["trace_residual"] = tr.residual
+            result["trace_method"] = tr.method
+        elif split:
             residual_op, _ = curvature.residual_matvec(model, loss_fn, inputs, targets, chunk_size)
             residual = _CountingMatvec(residual_op, progress, total, ticks=matvec)
             if trace_method == "auto":
@@ -205,7 +223,9 @@ def _measure_sharpness(
             result["trace_method"] = tr.method
     if progress is not None:
         progress(total, total)
-    result["hvps"] = hvp_count
+    result["hvps_per_estimator"] = hvps
+    result["hvps_spent"] = hvp_count
+    result["hvps"] = hvp_count  # = hvps_spent; kept for the readers of the old key
     result["examples"] = int(inputs.shape[0])
     result["seconds"] = time.perf_counter() - started
     return result
@@ -226,8 +246,8 @@ def measure_sharpness(model: nn.Module, loss_fn, inputs: Tensor, targets: Tensor
     except torch.OutOfMemoryError:
         raise LnsgdError(
             f"out of memory on {inputs.device} measuring sharpness over {inputs.shape[0]} examples "
-            f"({params:,} parameters, chunk_size {kwargs.get('chunk_size', 1024)}): lower the examples "
-            "(--examples / track.sharpness.examples), the HVP budget (--hvps / track.sharpness.hvps) or chunk_size"
+            f"({params:,} parameters, chunk_size {kwargs.get('chunk_size', 1024)}): pass fewer inputs (the CLI's "
+            "--examples, a recipe's track.sharpness.examples), a lower hvps (--hvps, track.sharpness.hvps) or a smaller chunk_size"
         ) from None
 
 
@@ -342,7 +362,9 @@ def measure_checkpoint(path, *, eta: float | None = None, momentum: float | None
         "eta": eta,
         "momentum": momentum,
         "examples": examples,
-        "hvps": result["hvps"],
+        "hvps_per_estimator": hvps,  # the budget each estimator was given (--hvps)
+        "hvps_spent": result["hvps_spent"],  # all HVPs spent, every estimator and --density together
+        "hvps": result["hvps_spent"],  # the same as hvps_spent: the key older readers use
         "seed": seed,
     }
     if density is not None:
@@ -351,7 +373,8 @@ def measure_checkpoint(path, *, eta: float | None = None, momentum: float | None
         gen = torch.Generator(device=dev).manual_seed(seed)
         nodes, weights = curvature.spectral_density(op, dim, hvps, gen)
         out["density"] = str(plot_density(nodes, weights, density, title=f"Hessian spectral density ({which} loss)\n{path}"))
-        out["hvps"] += hvps
+        out["hvps_spent"] += hvps
+        out["hvps"] = out["hvps_spent"]
     out["seconds"] = round(time.perf_counter() - started, 3)
     return out
 
@@ -377,25 +400,12 @@ def vector_bytes(params: int, hvps: int, measures: Sequence[str], bytes_per_valu
     return kept * params * bytes_per_value
 
 
-def free_memory(device: torch.device) -> int | None:
-    """Bytes free on ``device`` (CUDA: the driver's figure; CPU: MemAvailable), or None if unknown."""
-    if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0]
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        return None
-    return None
-
-
 def check_memory(params: int, device: torch.device, *, hvps: int, measures: Sequence[str]) -> None:
     need, free = vector_bytes(params, hvps, measures), free_memory(device)
     if free is not None and need > free:
         raise LnsgdError(
             f"this measurement keeps {hvps}+ vectors of {params:,} parameters, {need / 2**30:.1f} GiB, and {device} has "
-            f"{free / 2**30:.1f} GiB free: lower the HVP budget (--hvps / track.sharpness.hvps) or measure fewer quantities"
+            f"{free / 2**30:.1f} GiB free: lower hvps (the CLI's --hvps, a recipe's track.sharpness.hvps) or measure fewer quantities"
         )
 
 

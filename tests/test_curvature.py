@@ -128,11 +128,12 @@ def test_the_package_exports_its_api_and_the_losses_of_lnsgd_losses():
     assert sorted(cv.__all__) == sorted([
         "CrossEntropyLoss", "HessianOperator", "LanczosResult", "MSELoss", "REstimate", "RUndefinedError", "R_exact",
         "SplitTraceEstimate", "SmoothedCrossEntropy", "TraceEstimate", "choose_trace", "cross_entropy_loss",
-        "dense_hessian", "estimate_R", "estimate_trace", "evaluation_mode", "exact_trace_gauss_newton", "flatten_params",
-        "hessian_matvec", "lanczos", "mse_loss", "residual_matvec", "ritz_pairs", "smoothed_cross_entropy",
+        "dense_hessian", "estimate_R", "estimate_trace", "evaluation_mode", "exact_split", "exact_trace_gauss_newton", "flatten_params",
+        "hessian_matvec", "is_piecewise_linear", "lanczos", "loss_kind", "mse_loss", "residual_matvec", "ritz_pairs",
+        "smoothed_cross_entropy",
         "spectral_density", "split_trace", "top_eigenvalues", "trace_gauss_newton", "trace_hessian",
     ])  # fmt: skip
-    homes = {f"lnsgd.curvature.{m}" for m in ("operators", "trace", "lanczos", "regularizer", "gauss_newton")}
+    homes = {f"lnsgd.curvature.{m}" for m in ("operators", "trace", "lanczos", "regularizer", "gauss_newton", "linearity")}
     for name in cv.__all__:  # each defined in the module that owns its job (the losses in lnsgd.losses)
         assert getattr(cv, name).__module__ in homes | {"lnsgd.losses"}, name
     for name in ("CrossEntropyLoss", "MSELoss", "SmoothedCrossEntropy", "cross_entropy_loss", "mse_loss", "smoothed_cross_entropy"):
@@ -647,6 +648,127 @@ def test_relu_networks_have_a_hessian_trace_equal_to_the_gauss_newton_trace():
         assert (abs(residual) < 1e-10 * float(torch.trace(H)).__abs__()) == zero, (norm, residual)
 
 
+class ResidualReLUMLP(nn.Module):
+    """x ↦ W₃·relu(x₁ + W₂·relu(x₁)), x₁ = W₁x: a ReLU MLP with a skip connection."""
+
+    def __init__(self, d: int = 5, h: int = 7, out: int = 3):
+        super().__init__()
+        self.inp, self.hidden, self.out = nn.Linear(d, h), nn.Linear(h, h), nn.Linear(h, out)
+
+    def forward(self, x):
+        x = self.inp(x)
+        return self.out(F.relu(x + self.hidden(torch.relu(x))))
+
+
+class TanhOnLinear(nn.Module):
+    """Only nn.Linear submodules, but torch.tanh between them: not linear in the first layer."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(5, 6), nn.Linear(6, 3)
+
+    def forward(self, x):
+        return self.b(torch.tanh(self.a(x)))
+
+
+def piecewise_linear_cases():
+    """(name, model, x, y): ReLU networks in which every parameter tensor enters linearly."""
+    from lnsgd.models import ResNet18
+
+    g = gen(31)
+    cnn = warm_batchnorm(init_(relu_cnn("batchnorm", 2), g, scale=1.5), torch.randn(20, 1, 8, 8, generator=g, dtype=torch.float64))
+    torch.manual_seed(0)
+    x4 = torch.randn(6, 3, 8, 8, generator=g, dtype=torch.float64)
+    resnet = warm_batchnorm(ResNet18(3, 4, width=2, norm_kind="batchnorm", group_size=2).double(), x4)
+    # The dense reference of all 11,318 parameters takes a minute: the wide convolutions of
+    # layer3/layer4 are frozen (constants of the model), the other ~1,400 parameters measured.
+    for p in resnet.parameters():
+        p.requires_grad_(p.numel() <= 300)
+    return [
+        ("relu-cnn2d-batchnorm", cnn, torch.randn(20, 1, 8, 8, generator=g, dtype=torch.float64), torch.randint(0, 3, (20,), generator=g)),
+        ("resnet18-batchnorm", resnet, x4, torch.randint(0, 4, (6,), generator=g)),
+        ("residual-relu-mlp", init_(ResidualReLUMLP().double(), g, 1.5), torch.randn(20, 5, generator=g, dtype=torch.float64),
+         torch.randint(0, 3, (20,), generator=g)),
+    ]  # fmt: skip
+
+
+def test_auto_is_exact_on_piecewise_linear_networks():
+    # tr∇²L from the dense Hessian equals auto's tr G with no residual probe and stderr 0.
+    for name, model, x, y in piecewise_linear_cases():
+        loss_fn = cv.smoothed_cross_entropy(0.2, int(y.max()) + 1 if name != "resnet18-batchnorm" else 4)
+        exact = float(torch.trace(reference_hessian(model, loss_fn, x, y)))
+        assert cv.is_piecewise_linear(model), name
+        est = cv.trace_hessian(model, loss_fn, x, y, 40, gen(0))
+        assert est.method == "auto:exact" and est.stderr == 0.0 and est.num_matvecs == 0 and est.residual == 0.0, name
+        assert est.value == pytest.approx(exact, rel=1e-10, abs=1e-12), name
+        out = measure_sharpness(model, loss_fn, x, y, measures=("trace",), hvps=40, generator=gen(0))
+        assert out["trace_method"] == "auto:exact" and out["hvps_spent"] == 0, name
+        assert out["sharp/trace_hessian"] == pytest.approx(exact, rel=1e-10, abs=1e-12), name
+
+
+def test_models_that_are_not_piecewise_linear_are_never_labelled_exact():
+    g = gen(32)
+    shared = nn.Linear(5, 5)
+    tied = nn.Sequential(nn.Linear(5, 5), nn.ReLU(), shared, nn.ReLU(), shared, nn.Linear(5, 3)).double()
+    x = torch.randn(20, 5, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 3, (20,), generator=g)
+    loss_fn = cv.smoothed_cross_entropy(0.2, 3)
+    cases = [
+        ("tanh on Linear outputs", init_(TanhOnLinear().double(), g, 1.5), x),
+        ("a weight used twice", init_(tied, g, 1.5), x),
+        ("GroupNorm", init_(relu_cnn("groupnorm"), g, 1.5), torch.randn(20, 1, 8, generator=g, dtype=torch.float64)),
+        ("GELU", nn.Sequential(nn.Linear(5, 6), nn.GELU(), nn.Linear(6, 3)).double(), x),
+        ("softmax inside", nn.Sequential(nn.Linear(5, 3), nn.Softmax(1), nn.Linear(3, 3)).double(), x),
+        ("LayerNorm", nn.Sequential(nn.Linear(5, 6), nn.LayerNorm(6), nn.ReLU(), nn.Linear(6, 3)).double(), x),
+    ]  # fmt: skip
+    # Eval mode normalizes by the batch's statistics: nonlinear (and examples interact).
+    assert not cv.is_piecewise_linear(nn.Sequential(nn.Linear(5, 6), nn.BatchNorm1d(6, track_running_stats=False), nn.ReLU()))
+    for name, model, xs in cases:
+        assert not cv.is_piecewise_linear(model), name
+        est = cv.trace_hessian(model, loss_fn, xs, y, 40, gen(0))
+        assert est.method != "auto:exact" and est.num_matvecs > 0, name
+    # The guards are real: for the first three the dense residual's trace is not 0.
+    for name, model, xs in cases[:3]:
+        H = reference_hessian(copy.deepcopy(model), loss_fn, xs, y)
+        residual = float(torch.trace(H)) - cv.exact_trace_gauss_newton(model, loss_fn, xs, y).value
+        assert abs(residual) > 1e-6 * abs(float(torch.trace(H))), name
+
+
+@pytest.mark.parametrize("cache", ["cached", "uncached", "auto"])
+def test_chunked_hvps_with_and_without_the_graph_cache_equal_the_dense_hessian(cache):
+    g = gen(33)
+    model = init_(mlp(d=5, h=6), g, scale=1.5)
+    x, y = teacher_data(30, 5, 3, "cross_entropy", g)
+    H = reference_hessian(model, cv.cross_entropy_loss, x, y)
+    kwargs = {"cached": {"cache_graph": True}, "uncached": {"cache_graph": False}, "auto": {}}[cache]
+    op, dim = cv.hessian_matvec(model, cv.cross_entropy_loss, x, y, chunk_size=7, **kwargs)  # 5 chunks
+    for seed in range(3):
+        v = torch.randn(dim, generator=gen(seed), dtype=torch.float64)
+        torch.testing.assert_close(op(v), H @ v, rtol=0, atol=1e-10)
+    assert op.cache_graph == (cache != "uncached")
+
+
+def test_the_graph_cache_is_kept_across_chunks_within_its_memory_bound():
+    g = gen(34)
+    model = init_(mlp(d=5, h=6), g, scale=1.5)
+    x, y = teacher_data(30, 5, 3, "cross_entropy", g)
+    H = reference_hessian(model, cv.cross_entropy_loss, x, y)
+    v = torch.randn(H.shape[0], generator=gen(0), dtype=torch.float64)
+    roomy, _ = cv.hessian_matvec(model, cv.cross_entropy_loss, x, y, chunk_size=7, cache_bytes=2**30)
+    tight, _ = cv.hessian_matvec(model, cv.cross_entropy_loss, x, y, chunk_size=7, cache_bytes=1000)
+    assert roomy.cache_graph is None and tight.cache_graph is None  # decided on the first product
+    for op in (roomy, tight):
+        torch.testing.assert_close(op(v), H @ v, rtol=0, atol=1e-10)
+        torch.testing.assert_close(op(v), H @ v, rtol=0, atol=1e-10)
+    # One chunk's graph holds at least its 7×5 float64 inputs and the gradients (dim values).
+    assert roomy.graph_bytes == tight.graph_bytes >= 5 * (7 * 5 + H.shape[0]) * 8
+    assert roomy.cache_graph is True and tight.cache_graph is False
+    assert roomy._cache is not None and len(roomy._cache[1]) == 5 and tight._cache is None
+    # One chunk: cached as before, whatever the bound (its graph is a single product's peak anyway).
+    one, _ = cv.hessian_matvec(model, cv.cross_entropy_loss, x, y, cache_bytes=0)
+    assert one.cache_graph is True
+
+
 @pytest.fixture(scope="module")
 def fitted_relu():
     """A ReLU MLP (two hidden layers of 24 and 12, 471 parameters) fit to
@@ -730,8 +852,17 @@ def test_choose_trace_probes_the_less_noisy_operator_and_stays_unbiased():
 def test_split_trace_needs_a_loss_kind():
     model = nn.Linear(3, 2)
     x, y = torch.randn(5, 3), torch.randint(0, 2, (5,))
-    with pytest.raises(LnsgdError, match="kind"):
+    # Each message names the caller's own argument: trace_hessian's fix is estimate_trace(..., method='xtrace'),
+    # measure_sharpness's is trace_method='xtrace' (the CLI's --trace-method is a layer above both).
+    with pytest.raises(LnsgdError, match="kind") as raised:
         cv.trace_hessian(model, lambda f, t: F.cross_entropy(f, t), x, y, 10)
+    assert "method='xtrace'" in str(raised.value) and "trace_method" not in str(raised.value)
+    for fn in (cv.exact_trace_gauss_newton, cv.trace_gauss_newton):
+        with pytest.raises(LnsgdError, match="kind") as raised:
+            fn(model, lambda f, t: F.cross_entropy(f, t), x, y)
+        assert "trace_method" not in str(raised.value)
+    with pytest.raises(LnsgdError, match="trace_method='xtrace'"):
+        measure_sharpness(model, lambda f, t: F.cross_entropy(f, t), x, y, measures=("trace",), generator=gen(0))
     with pytest.raises(LnsgdError, match="trace_method"):
         measure_sharpness(model, cv.cross_entropy_loss, x, y, trace_method="pyhessian", generator=gen(0))
 

@@ -172,10 +172,14 @@ def tiny_ckpt(write_recipe, tmp_path):
 
 def test_measure_sharpness_header_says_hvps_per_estimator_and_in_all(cli, tiny_ckpt, tmp_path):
     out = tmp_path / "m.json"
-    res = cli("measure-sharpness", tiny_ckpt, "--hvps", "20", "--examples", "50", "--json", out, "--quiet")
+    # --trace-method split: the tiny ReLU MLP's auto trace is exact (no HVPs), so the trace
+    # must probe for two estimators (trace and R) to spend HVPs.
+    res = cli("measure-sharpness", tiny_ckpt, "--hvps", "20", "--examples", "50", "--trace-method", "split", "--json", out,
+              "--quiet")  # fmt: skip
     assert res.exit_code == 0, res.output
-    spent = json.loads(out.read_text())["hvps"]
-    assert spent > 20
+    result = json.loads(out.read_text())
+    spent = result["hvps_spent"]
+    assert spent > 20 and result["hvps_per_estimator"] == 20 and result["hvps"] == spent
     assert f"20 HVPs per estimator, {spent} in all" in flat_text(res.output)
 
 

@@ -73,8 +73,9 @@ def measure_sharpness(
             bar.stop()
     from rich.table import Table
 
-    # --hvps is each estimator's budget; result["hvps"] is what all of them (and --density) spent together.
-    spent = f"{hvps} HVPs per estimator, {result['hvps']} in all" if result["hvps"] != hvps else f"{hvps} HVPs"
+    # --hvps is each estimator's budget (hvps_per_estimator); hvps_spent is what all of them (and --density) spent together.
+    spent = result["hvps_spent"]
+    spent = f"{hvps} HVPs per estimator, {spent} in all" if spent != hvps else f"{hvps} HVPs"
     table = Table(title=f"sharpness of {checkpoint} — {result['loss']} loss, {result['examples']} examples, {spent}")
     table.add_column("quantity")
     table.add_column("value", justify="right")

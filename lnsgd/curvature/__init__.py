@@ -32,14 +32,22 @@ One module per job:
 - ``lanczos``       Lanczos, Ritz pairs, top eigenvalues, spectral density
 - ``regularizer``   R(θ): its closed form, where it is defined, its estimate
 - ``gauss_newton``  tr G (by VJPs or exactly), the residual ∇²L − G, ``trace_hessian``
+- ``linearity``     whether every parameter enters the model linearly (then tr∇²L = tr G)
 
 The losses (from ``lnsgd.losses``, shared with the training loop) are re-exported.
 """
 
 from __future__ import annotations
 
-from lnsgd.curvature.gauss_newton import exact_trace_gauss_newton, residual_matvec, trace_gauss_newton, trace_hessian
+from lnsgd.curvature.gauss_newton import (
+    exact_trace_gauss_newton,
+    loss_kind,
+    residual_matvec,
+    trace_gauss_newton,
+    trace_hessian,
+)
 from lnsgd.curvature.lanczos import LanczosResult, lanczos, ritz_pairs, spectral_density, top_eigenvalues
+from lnsgd.curvature.linearity import is_piecewise_linear
 from lnsgd.curvature.operators import (
     HessianOperator,
     dense_hessian,
@@ -48,7 +56,14 @@ from lnsgd.curvature.operators import (
     hessian_matvec,
 )
 from lnsgd.curvature.regularizer import R_exact, REstimate, RUndefinedError, estimate_R
-from lnsgd.curvature.trace import SplitTraceEstimate, TraceEstimate, choose_trace, estimate_trace, split_trace
+from lnsgd.curvature.trace import (
+    SplitTraceEstimate,
+    TraceEstimate,
+    choose_trace,
+    estimate_trace,
+    exact_split,
+    split_trace,
+)
 from lnsgd.losses import (
     CrossEntropyLoss,
     MSELoss,
@@ -75,10 +90,13 @@ __all__ = [
     "estimate_R",
     "estimate_trace",
     "evaluation_mode",
+    "exact_split",
     "exact_trace_gauss_newton",
     "flatten_params",
     "hessian_matvec",
+    "is_piecewise_linear",
     "lanczos",
+    "loss_kind",
     "mse_loss",
     "residual_matvec",
     "ritz_pairs",

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lnsgd.curvature.linearity import is_piecewise_linear
 from lnsgd.curvature.operators import (
     HessianOperator,
     check_data,
@@ -31,7 +32,7 @@ from lnsgd.curvature.operators import (
     to_model,
     trainable_parameters,
 )
-from lnsgd.curvature.trace import SplitTraceEstimate, TraceEstimate, choose_trace, split_trace
+from lnsgd.curvature.trace import SplitTraceEstimate, TraceEstimate, choose_trace, exact_split, split_trace
 from lnsgd.errors import LnsgdError
 
 # ---------------------------------------------------------------------------
@@ -39,15 +40,27 @@ from lnsgd.errors import LnsgdError
 # ---------------------------------------------------------------------------
 
 
-def _loss_kind(loss_fn) -> str:
+def loss_kind(loss_fn) -> str | None:
+    """"cross_entropy" or "mse" (the loss's ``.kind``; ``nn.CrossEntropyLoss`` with mean
+    reduction is recognized), or None for a loss tr G cannot be computed for."""
     kind = getattr(loss_fn, "kind", None)
     if kind is None and isinstance(loss_fn, nn.CrossEntropyLoss) and loss_fn.reduction == "mean":
         kind = "cross_entropy"  # label smoothing leaves the logit Hessian unchanged
-    if kind not in ("cross_entropy", "mse"):
+    return kind if kind in ("cross_entropy", "mse") else None
+
+
+# What a caller of each function here can do instead, in that function's own terms.
+_INSTEAD_OF_GN = (
+    "for other losses tr∇²L alone is estimate_trace(*hessian_matvec(model, loss_fn, inputs, targets), num_matvecs, method='xtrace')"
+)
+
+
+def _loss_kind(loss_fn, instead: str = _INSTEAD_OF_GN) -> str:
+    kind = loss_kind(loss_fn)
+    if kind is None:
         raise LnsgdError(
             "tr G (and the split tr∇²L built on it) needs a loss with .kind 'cross_entropy' or 'mse' "
-            "(lnsgd.curvature.cross_entropy_loss, smoothed_cross_entropy(p, C) or mse_loss); "
-            f"got {loss_fn!r}; for other losses estimate tr∇²L with trace_method='xtrace'"
+            f"(lnsgd.curvature.cross_entropy_loss, smoothed_cross_entropy(p, C) or mse_loss); got {loss_fn!r}; {instead}"
         )
     return kind
 
@@ -460,15 +473,25 @@ def trace_hessian(
     the residual of a ReLU network has zero diagonal blocks and a few large
     eigenvalues of both signs, which XTrace deflates) and ``num_matvecs``
     products; the error is that of the residual alone. ``method="auto"``
-    (default): ``choose_trace`` spends a pilot on both ∇²L and the residual and
-    probes the better one. See benchmarks/bench_trace.py for both. Memory: XTrace
+    (default): where every parameter tensor provably enters the model linearly
+    (``is_piecewise_linear``: ReLU networks of Linear/Conv/eval-mode BatchNorm
+    layers) the residual's trace is exactly 0 and the result is tr G with no
+    product and stderr 0 (method "auto:exact"); otherwise ``choose_trace`` spends
+    a pilot on both ∇²L and the residual and probes the better one. See benchmarks/bench_trace.py for both. Memory: XTrace
     keeps about 2·``num_matvecs`` vectors of the parameters' size.
     Needs ``loss_fn.kind`` (cross-entropy or mse); for other losses use
     ``estimate_trace(hessian_matvec(...))``.
     """
     if method not in ("auto", "split"):
         raise LnsgdError(f"method must be 'auto' or 'split'; got {method!r}")
+    _loss_kind(
+        loss_fn,
+        "trace_hessian has no method for other losses (method is 'auto' or 'split'): estimate tr∇²L with "
+        "estimate_trace(*hessian_matvec(model, loss_fn, inputs, targets), num_matvecs, method='xtrace')",
+    )
     gn = exact_trace_gauss_newton(model, loss_fn, inputs, targets, chunk_size)
+    if method == "auto" and is_piecewise_linear(model):
+        return exact_split(gn.value)
     op, dim = residual_matvec(model, loss_fn, inputs, targets, chunk_size)
     if method == "auto":
         hessian, _ = hessian_matvec(model, loss_fn, inputs, targets, chunk_size)

@@ -60,6 +60,21 @@ def gaussian(shape: tuple[int, ...], gen: torch.Generator, dtype, device) -> Ten
     return torch.randn(shape, generator=gen, device=gen.device).to(device=device, dtype=dtype)
 
 
+def free_memory(device: torch.device) -> int | None:
+    """Bytes free on ``device`` (CUDA: the driver's figure; CPU: MemAvailable), or None if unknown."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
 def mean_and_stderr(samples: Tensor) -> tuple[float, float]:
     """The mean of ``samples`` and its standard error (sample std / √count), in float64."""
     samples = samples.double()
@@ -225,14 +240,22 @@ class HessianOperator:
     product is computed in the parameters' dtype and returned in the input's.
     ``num_matvecs`` counts calls.
 
-    When all examples fit in one chunk, the gradient's graph is built once and
-    kept (``cache_graph``): each product is then one backward pass through it,
-    about half the cost of rebuilding it. The cache is rebuilt if any parameter
-    is modified in place (tracked by version counters), and ``release()`` frees
-    it; its memory is what a single product needs at its peak anyway.
+    The gradient's graph of each chunk can be built once and kept (``cache_graph``):
+    each product is then one backward pass through it, about half the cost of
+    rebuilding it. Default (``cache_graph=None``): kept when all examples fit in one
+    chunk (its memory is what a single product needs at its peak anyway), and with
+    several chunks when their graphs fit in ``cache_bytes``: the first product
+    measures one chunk's saved tensors (``torch.autograd.graph.saved_tensors_hooks``,
+    Σ numel·element_size, plus its gradients) and extrapolates to all chunks
+    (``graph_bytes``); ``cache_bytes`` defaults to min(2 GiB, half the device's free
+    memory). ``cache_graph`` then says what was decided. The cache is rebuilt if any
+    parameter or buffer is modified in place (tracked by version counters), and
+    ``release()`` frees it.
     """
 
-    def __init__(self, model, loss_fn, inputs, targets, chunk_size: int = 1024, cache_graph: bool | None = None):
+    def __init__(
+        self, model, loss_fn, inputs, targets, chunk_size: int = 1024, cache_graph: bool | None = None, cache_bytes: int | None = None
+    ):
         model = model
         _, self.params = trainable_parameters(model)
         refuse_dropout(model)
@@ -247,8 +270,11 @@ class HessianOperator:
         self.dtype = self.params[0].dtype
         self.device = self.params[0].device
         self.num_matvecs = 0
-        self.cache_graph = (self.n <= chunk_size) if cache_graph is None else bool(cache_graph)
-        self._cache: tuple[list[int], list[Tensor | None]] | None = None
+        # None: decided on the first product (see the class docstring).
+        self.cache_graph = True if cache_graph is None and self.n <= chunk_size else cache_graph
+        self.cache_bytes = None if cache_bytes is None else check_int("cache_bytes", cache_bytes, 0)
+        self.graph_bytes: int | None = None  # the measured estimate of all chunks' graphs, when measured
+        self._cache: tuple[list[int], list[list[Tensor | None]]] | None = None
 
     def release(self) -> None:
         """Free the cached gradient graph (if any)."""
@@ -261,6 +287,29 @@ class HessianOperator:
         # Weight each chunk's mean by its share so the sum is the full-batch mean.
         loss = self.loss_fn(self.model(x), y) * ((stop - start) / self.n)
         return list(torch.autograd.grad(loss, self.params, create_graph=True, allow_unused=True))
+
+    def _chunks(self) -> list[tuple[int, int]]:
+        return [(start, min(start + self.chunk_size, self.n)) for start in range(0, self.n, self.chunk_size)]
+
+    def _measured_chunk_grads(self, start: int, stop: int) -> tuple[list[Tensor | None], int]:
+        """A chunk's gradients with their graph, and the bytes that graph keeps (its saved tensors and the gradients)."""
+        saved = 0
+
+        def pack(t: Tensor) -> Tensor:
+            nonlocal saved
+            saved += t.numel() * t.element_size()  # tensors shared between nodes are counted each time: an upper bound
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            grads = self._chunk_grads(start, stop)
+        saved += sum(g.numel() * g.element_size() for g in grads if g is not None)
+        return grads, saved
+
+    def _cache_bound(self) -> int:
+        if self.cache_bytes is not None:
+            return self.cache_bytes
+        free = free_memory(self.device)
+        return 2**31 if free is None else min(2**31, free // 2)
 
     def _hvp_chunk(self, grads: list[Tensor | None], vs: list[Tensor], out: list[Tensor], retain: bool) -> None:
         # Double backward: ∇(∇L·v) = ∇²L·v. Works for any norm layer, unlike some
@@ -284,22 +333,34 @@ class HessianOperator:
         vs = [piece.view(shape) for piece, shape in zip(vs, self.shapes, strict=True)]
         out = [torch.zeros_like(p) for p in self.params]
         with evaluation_mode(self.model), torch.enable_grad(), no_autocast(self.device):
+            chunks = self._chunks()
+            if self.cache_graph is None:
+                # Decide once: measure the first chunk's graph, extrapolate to all chunks.
+                first, nbytes = self._measured_chunk_grads(*chunks[0])
+                self.graph_bytes = nbytes * len(chunks)
+                self.cache_graph = self.graph_bytes <= self._cache_bound()
+                if not self.cache_graph:
+                    self._hvp_chunk(first, vs, out, retain=False)
+                    chunks = chunks[1:]  # the first chunk's share is done
+                else:
+                    versions = [t._version for t in (*self.params, *self.model.buffers())]
+                    self._cache = (versions, [first] + [self._chunk_grads(*c) for c in chunks[1:]])
             if self.cache_graph:
                 # In-place updates (optimizer steps, BatchNorm statistics) bump versions.
                 versions = [t._version for t in (*self.params, *self.model.buffers())]
                 if self._cache is None or self._cache[0] != versions:
-                    self._cache = (versions, self._chunk_grads(0, self.n))
-                self._hvp_chunk(self._cache[1], vs, out, retain=True)
+                    self._cache = (versions, [self._chunk_grads(*c) for c in chunks])
+                for grads in self._cache[1]:
+                    self._hvp_chunk(grads, vs, out, retain=True)
             else:
-                for start in range(0, self.n, self.chunk_size):
-                    grads = self._chunk_grads(start, min(start + self.chunk_size, self.n))
-                    self._hvp_chunk(grads, vs, out, retain=False)
+                for start, stop in chunks:
+                    self._hvp_chunk(self._chunk_grads(start, stop), vs, out, retain=False)
         self.num_matvecs += 1
         return torch.cat([o.reshape(-1) for o in out]).to(device=v.device, dtype=v.dtype)
 
 
 def hessian_matvec(
-    model, loss_fn, inputs, targets, chunk_size: int = 1024, *, cache_graph: bool | None = None
+    model, loss_fn, inputs, targets, chunk_size: int = 1024, *, cache_graph: bool | None = None, cache_bytes: int | None = None
 ) -> tuple[HessianOperator, int]:
     """Matrix-free Hessian of the mean loss over ``inputs``: returns ``(matvec, dim)``.
 
@@ -309,10 +370,11 @@ def hessian_matvec(
     length / n, so the product is that of the full-batch mean loss. Parameters
     with ``requires_grad`` are flattened in ``model.parameters()`` order.
     Models containing dropout with p > 0 are refused (``LnsgdError``).
-    ``cache_graph`` (default: when n ≤ chunk_size) keeps the gradient's graph
-    between products; see ``HessianOperator``.
+    ``cache_graph`` keeps the chunks' gradient graphs between products (default:
+    when they fit in ``cache_bytes``, by default min(2 GiB, half the free memory));
+    see ``HessianOperator``.
     """
-    op = HessianOperator(model, loss_fn, inputs, targets, chunk_size, cache_graph)
+    op = HessianOperator(model, loss_fn, inputs, targets, chunk_size, cache_graph, cache_bytes)
     return op, op.dim
 
 
