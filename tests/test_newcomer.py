@@ -6,6 +6,8 @@ from __future__ import annotations
 import io
 import json
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -251,3 +253,13 @@ def test_the_license_is_an_spdx_string_and_the_build_needs_a_setuptools_that_rea
     assert meta["project"]["license"] == "MIT"
     (setuptools,) = [r for r in meta["build-system"]["requires"] if r.startswith("setuptools")]
     assert setuptools == "setuptools>=77"  # 77.0: project.license as an SPDX expression (PEP 639)
+
+
+def test_measure_sharpness_progress_in_a_log_is_plain_lines(tiny_ckpt, tmp_path):
+    # stderr is a pipe (a log file, a Slurm job log): lines, not a redrawn bar.
+    proc = subprocess.run([sys.executable, "-m", "lnsgd", "measure-sharpness", str(tiny_ckpt), "--hvps", "12", "--examples", "50",
+                           "--trace-method", "split"], cwd=tmp_path, capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("measuring: ")]
+    assert lines and lines[-1].split()[1].split("/")[0] == lines[-1].split()[1].split("/")[1], proc.stderr
+    assert "\r" not in proc.stderr and "\x1b[" not in proc.stderr

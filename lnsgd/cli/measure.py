@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from lnsgd.cli.app import QuietOpt, app, console, err_console, fail, friendly
+from lnsgd.cli.app import QuietOpt, app, console, err_console, fail, friendly, progress_for
 
 
 @app.command("measure-sharpness")
@@ -53,24 +53,25 @@ def measure_sharpness(
 
     if trace_method not in TRACE_METHODS:
         raise fail(f"--trace-method {trace_method!r}: expected one of {', '.join(TRACE_METHODS)}")
-    bar = None
-    if not quiet:
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    display = progress_for(quiet)  # a bar on a terminal, plain lines in a log, nothing with --quiet
+    shown = {"total": None}
 
-        bar = Progress(TextColumn("[bold]measuring"), BarColumn(), MofNCompleteColumn(), TextColumn("HVPs"), TimeElapsedColumn(),
-                       console=err_console, transient=True)  # fmt: skip
-        task = bar.add_task("hvps", total=None)
-        bar.start()
+    def progress(done: int, total: int) -> None:
+        if total != shown["total"]:  # the plan grew (an adaptive budget, Lanczos restarts)
+            if shown["total"] is not None:
+                display.stop()
+            display.start(total, done, "measuring", unit="HVPs")
+            shown["total"] = total
+        display.advance(done, {})
+
     try:
         result = measure_checkpoint(
             checkpoint, eta=eta, momentum=momentum, examples=examples, hvps=hvps, top_k=top_k, seed=seed, which=loss,
             measures=tuple(measures) if measures else ("trace", "lambda_max", "trace_gn", "R"), device=device, density=density,
-            progress=(lambda done, total: bar.update(task, completed=done, total=total)) if bar else None,
-            trace_method=trace_method, rtol=rtol,
+            progress=progress, trace_method=trace_method, rtol=rtol,
         )  # fmt: skip
     finally:
-        if bar is not None:
-            bar.stop()
+        display.stop()
     from rich.table import Table
 
     # --hvps is each estimator's budget (hvps_per_estimator); hvps_spent is what all of them (and --density) spent together.
