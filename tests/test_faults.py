@@ -358,11 +358,15 @@ def test_corrupt_run_folder_files_are_one_line_naming_file_and_line(cli, tmp_pat
     for args in (("plot", run, "--out", tmp_path / "plots"), ("compare", run), ("compare", sweep)):
         line = one_line_error(cli(*args))
         assert str(run / file) in line and fragment in line, (args, line)
-    res = cli("sweep-status", sweep)
-    if file == "metrics.jsonl":  # the status shows each point's last metrics
-        assert fragment in one_line_error(res)
-    else:  # status does not need these files' content: it answers, with no traceback
-        assert res.exit_code == 0 and "Traceback" not in res.output, res.output
+    res = cli("sweep-status", sweep, "--json")
+    # Status answers for every point, with no traceback; a point whose metrics cannot be read
+    # says so in its own row (the other points' rows are as before).
+    assert res.exit_code == 0 and "Traceback" not in res.output, res.output
+    rows = {r["id"]: r for r in json.loads(res.output)}
+    broken = next(r for r in rows.values() if str(run.name) == r["id"] or r["id"] in str(run))
+    if file == "metrics.jsonl":
+        assert fragment in (broken["error"] or ""), broken
+    assert all(r["epoch"] is not None for r in rows.values() if r is not broken)
     if file == "metrics.jsonl":  # --resume rewrites metrics.jsonl up to its checkpoint, so it must read it
         line = one_line_error(cli(*resume_args(run)))
         assert str(run / file) in line and fragment in line, line

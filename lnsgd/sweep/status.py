@@ -10,6 +10,7 @@ import collections
 import contextlib
 from pathlib import Path
 
+from lnsgd.errors import LnsgdError
 from lnsgd.sweep.plan import STATUSES, is_locked, read_sweep, run_state
 
 # (metrics.jsonl key, column title); sharpness columns show only when some point measured them.
@@ -39,12 +40,17 @@ def status_rows(sweep_dir: Path) -> tuple[dict, list[dict]]:
             status = "done"
         elif status == "running" and not live:  # the sweep that ran it is gone
             status = "interrupted" if state == "resumable" else "pending"
-        metrics = read_jsonl(run_dir / "metrics.jsonl")
+        error, unreadable = p.get("error"), None
+        try:
+            metrics = read_jsonl(run_dir / "metrics.jsonl")
+        except LnsgdError as e:  # one unreadable run folder: say so in its row, show the others
+            metrics, error = [], str(e)
+            unreadable = error
         last = metrics[-1] if metrics else {}
         epoch = last.get("epoch")
         if epoch is None and state == "resumable":
             epoch = _checkpoint_epoch(run_dir)
-        rows.append({"id": p["id"], "status": status, "epoch": epoch, "epochs": epochs, "error": p.get("error"),
+        rows.append({"id": p["id"], "status": status, "epoch": epoch, "epochs": epochs, "error": error, "unreadable": unreadable,
                      **{k: last.get(k) for k, _ in STATUS_METRICS}})  # fmt: skip
     data["running_now"] = live
     return data, rows
@@ -79,6 +85,6 @@ def status_table(data: dict, rows: list[dict]):
             v = r.get(k)
             cells.append("—" if not isinstance(v, (int, float)) else f"{100 * v:.2f}%" if k.endswith("acc") else f"{v:.4g}")
         status = f"[{colors.get(r['status'], 'white')}]{r['status']}[/]"
-        note = r.get("error") if r["status"] == "failed" else ""
+        note = r.get("unreadable") or (r.get("error") if r["status"] == "failed" else "")
         table.add_row(escape(r["id"]), status, epoch, *cells, escape(note or ""))
     return table
