@@ -157,6 +157,21 @@ class TrainConfig(Section):
     eval_batch_size: int = Field(2048, ge=1, description="batch size of evaluation passes")
 
 
+
+def parse_measured_loss(text: str) -> tuple[str, float]:
+    """``track.sharpness.loss`` / ``measure-sharpness --loss`` as (kind, value): ("expected", 0),
+    ("clean", 0), ("flip", p) or ("gaussian", σ). Raises ValueError naming the valid forms."""
+    if text in ("expected", "clean"):
+        return text, 0.0
+    kind, _, value = str(text).partition(":")
+    try:
+        number = float(value)
+    except ValueError:
+        number = float("nan")
+    if kind == "flip" and 0 < number < 1 or kind == "gaussian" and number > 0:
+        return kind, number
+    raise ValueError(f"expected 'expected', 'clean', 'flip:P' with 0 < P < 1 or 'gaussian:SIGMA' with SIGMA > 0; got {text!r}")
+
 class SharpnessTrack(Section):
     """Curvature measured during training on a fixed subset of the training set."""
 
@@ -170,9 +185,17 @@ class SharpnessTrack(Section):
     measures: tuple[Literal["trace", "lambda_max", "trace_gn", "R"], ...] = Field(
         ("trace",), description="which of trace, lambda_max, trace_gn, R to record"
     )
-    loss: Literal["expected", "clean"] = Field(
-        "expected", description="Hessian of the expected (over the noise) or clean loss"
+    loss: str = Field(
+        "expected",
+        description="the loss whose Hessian is measured: expected (over this run's noise), clean, or an explicit "
+        "noise model flip:P or gaussian:SIGMA (pin it to compare arms, e.g. a plain-SGD control: flip:0.2)",
     )
+
+    @field_validator("loss")
+    @classmethod
+    def _measured_loss(cls, v: str) -> str:
+        parse_measured_loss(v)
+        return v
     rtol: float | None = Field(
         None, gt=0, lt=1, description="stop spending trace HVPs once the standard error is below rtol·|tr∇²L| (hvps caps it); null: all"
     )

@@ -32,7 +32,7 @@ from lnsgd.curvature.regularizer import deflation_run_length, eta_bound, regular
 from lnsgd.data import Data, model_targets
 from lnsgd.errors import LnsgdError
 from lnsgd.losses import clean_loss, expected_loss
-from lnsgd.recipe import Recipe
+from lnsgd.recipe import Recipe, parse_measured_loss
 from lnsgd.runtime import stream_seed
 from lnsgd.train.step import tf32_allowed
 
@@ -257,10 +257,31 @@ def measure_sharpness(model: nn.Module, loss_fn, inputs: Tensor, targets: Tensor
 
 
 def measured_loss(recipe: Recipe, num_outputs: int, which: str = "expected"):
-    """The loss whose curvature is measured: expected under the recipe's noise, or clean."""
-    if which == "clean":
+    """The loss whose curvature is measured: expected under the recipe's noise, clean, or expected
+    under an explicit noise model (``flip:P``, ``gaussian:SIGMA``; see ``parse_measured_loss``)."""
+    kind, value = parse_measured_loss(which)
+    if kind == "clean":
         return clean_loss(recipe.loss)
-    return expected_loss(recipe.loss, recipe.noise.kind, recipe.noise.p, recipe.noise.sigma, num_outputs)
+    if kind == "expected":
+        return expected_loss(recipe.loss, recipe.noise.kind, recipe.noise.p, recipe.noise.sigma, num_outputs)
+    return expected_loss(recipe.loss, kind, value if kind == "flip" else 0.0, value if kind == "gaussian" else 0.0, num_outputs)
+
+
+def measured_loss_label(recipe: Recipe, which: str = "expected") -> str:
+    """What was measured, in words that compare across runs: "flip p=0.2", "gaussian σ=0.1" or
+    "clean" — "expected" resolved to the run's own noise (plain SGD's expected loss is the clean one)."""
+    kind, value = parse_measured_loss(which)
+    if kind == "expected":
+        noise = recipe.noise
+        if noise.kind in ("flip", "smooth") and noise.p > 0 and recipe.loss == "cross_entropy":
+            kind, value = "flip", noise.p  # smooth trains on flip's expected loss itself
+        elif noise.kind in ("sign", "gaussian") and noise.sigma > 0 and recipe.loss == "mse":
+            kind, value = "gaussian", noise.sigma  # ±σ and N(0, σ²) have the same expected MSE
+        else:
+            kind = "clean"
+    if kind == "clean":
+        return "clean"
+    return f"flip p={value:g}" if kind == "flip" else f"gaussian σ={value:g}"
 
 
 def evaluation_subset(data: Data, recipe: Recipe, examples: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -309,7 +330,7 @@ def training_hook(recipe: Recipe, loss_recipe: Recipe | None = None):
             rtol=cfg.rtol,
         )  # fmt: skip
         row = {k: result[k] for k in keys if k in result}
-        row["sharp/loss"] = cfg.loss
+        row["sharp/loss"] = measured_loss_label(loss_recipe, cfg.loss)
         return row
 
     return hook
@@ -347,7 +368,7 @@ def measure_checkpoint(path, *, eta: float | None = None, momentum: float | None
                                 progress=progress, trace_method=trace_method, rtol=rtol)  # fmt: skip
     out = {
         "checkpoint": str(path),
-        "loss": f"{which} ({measured_loss(recipe, data.num_classes, which)!r})",
+        "loss": f"{measured_loss_label(recipe, which)} ({measured_loss(recipe, data.num_classes, which)!r})",
         "trace_hessian": result.get("sharp/trace_hessian"),
         "trace_hessian_stderr": result.get("sharp/trace_hessian_stderr"),
         "trace_method": result.get("trace_method", trace_method) if "trace" in measures else None,

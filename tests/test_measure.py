@@ -61,7 +61,7 @@ def test_measure_sharpness_cli_matches_the_dense_hessian(cli, small_ckpt, tmp_pa
         assert key in m, key
     # --hvps is each estimator's budget; hvps_spent is what λ_max/R and the trace spent together.
     assert m["hvps_per_estimator"] == 100 and m["hvps"] == m["hvps_spent"] >= 100
-    assert m["loss"].startswith("expected (smoothed_cross_entropy(p=0.2")
+    assert m["loss"].startswith("flip p=0.2 (smoothed_cross_entropy(p=0.2")  # the expected loss, named by its noise
     eig, recipe = dense_reference(small_ckpt)
     assert m["eta"] == recipe.optim.lr and m["momentum"] == 0.0 and m["examples"] == 120
     # A barely trained net has a flat spectrum: judge the trace by the error bar it reports.
@@ -230,7 +230,8 @@ def test_train_cli_uses_track_sharpness(cli, write_recipe, tmp_path):
     extra = {**SMALL, "name": "tracked", "train": {"epochs": 2}, "track": {"sharpness": {"every": 1, "examples": 50, "hvps": 8}}}
     assert cli("train", write_recipe(extra), "--quiet").exit_code == 0
     rows = read_jsonl(tmp_path / "runs/tracked/metrics.jsonl")
-    assert all(r["sharp/trace_hessian"] is not None and r["sharp/loss"] == "expected" for r in rows)
+    # The expected loss, named by its noise model.
+    assert all(r["sharp/trace_hessian"] is not None and r["sharp/loss"] == "flip p=0.2" for r in rows)
 
 
 def test_products_run_with_tf32_off_and_the_setting_comes_back():
@@ -318,3 +319,28 @@ def test_rtol_bad_values_are_one_line(cli, write_recipe):
 
     assert "rtol" in one_line_error(cli("validate", write_recipe({"track": {"sharpness": {"rtol": 1.5}}})))
     assert "--rtol" in one_line_error(cli("measure-sharpness", "nothing.pt", "--rtol", "0"))
+
+
+@pytest.mark.parametrize(("noise", "which", "label"), [
+    ({"kind": "flip", "p": 0.2}, "expected", "flip p=0.2"), ({"kind": "none", "p": 0.0}, "expected", "clean"),
+    ({"kind": "none", "p": 0.0}, "flip:0.2", "flip p=0.2"), ({"kind": "flip", "p": 0.2}, "clean", "clean"),
+    ({"kind": "smooth", "p": 0.3}, "expected", "flip p=0.3"),
+])  # fmt: skip
+def test_the_measured_loss_can_be_pinned_and_is_named_by_what_it_is(write_recipe, noise, which, label):
+    from lnsgd.recipe import load_recipe
+    from lnsgd.sharpness import measured_loss, measured_loss_label
+
+    recipe = load_recipe(write_recipe({"noise": noise, "track": {"sharpness": {"loss": which}}}))
+    assert measured_loss_label(recipe, recipe.track.sharpness.loss) == label
+    # Against the hand-written expectation over flip noise: (1 − p)·CE(y) + p/(C−1)·Σ_{c≠y} CE(c).
+    logits, y = torch.tensor([[2.0, 0.0, -1.0]], dtype=torch.float64), torch.tensor([0])
+    logp = torch.log_softmax(logits, -1)[0]
+    p = float(label.split("=")[1]) if label.startswith("flip") else 0.0
+    expected = -((1 - p) * logp[0] + p / 2 * (logp[1] + logp[2]))
+    assert float(measured_loss(recipe, 3, which)(logits, y)) == pytest.approx(float(expected), rel=1e-6)
+
+
+@pytest.mark.parametrize("bad", ["flip:1.5", "flip:0", "gaussian:-1", "noisy", "flip"])
+def test_a_measured_loss_that_is_not_a_noise_model_is_one_line(cli, write_recipe, bad):
+    line = one_line_error(cli("validate", write_recipe(), f"track.sharpness.loss={bad}"))
+    assert "track.sharpness.loss" in line and "flip:P" in line

@@ -340,3 +340,23 @@ def test_expected_loss_gap_is_a_default_panel_with_a_log_axis_when_logged(tmp_pa
     result = plot_runs([tmp_path / "b"], tmp_path / "out_b", metrics=["train/expected_loss_gap"], formats=())
     assert result.panels == ["train/expected_loss_gap"] and result.figure.axes[0].get_yscale() == "linear"
     # Runs without it (older runs) keep the four default panels (test_default_figure_files_panels_and_exact_csv).
+
+
+def test_sharpness_of_different_losses_is_refused_and_one_loss_is_named_on_the_axis(tmp_path):
+    # A plain-SGD control measured on its own expected loss (the clean one) against a
+    # label-noise run measured on the smoothed loss: two different functions on one axis.
+    def rows(loss):
+        return [{**r, "sharp/loss": loss, "sharp/trace_hessian": r["sharp/R"]} for r in rows_for(0)]
+
+    noisy = write_run(tmp_path / "noisy", make_recipe("noisy"), rows("flip p=0.2"))
+    plain = write_run(tmp_path / "plain", make_recipe("plain", kind="none"), rows("clean"))
+    with pytest.raises(LnsgdError, match=r"different losses \(flip p=0.2: noisy; clean: plain\).*track.sharpness.loss=flip"):
+        plot_runs([noisy, plain], tmp_path / "out")
+    # Rows of older lnsgd said "expected": resolved from each run's own noise, so still refused.
+    old = write_run(tmp_path / "old-plain", make_recipe("old-plain", kind="none"), rows("expected"))
+    with pytest.raises(LnsgdError, match="different losses"):
+        plot_runs([noisy, old], tmp_path / "out")
+    pinned = write_run(tmp_path / "pinned", make_recipe("pinned", kind="none"), rows("flip p=0.2"))
+    result = plot_runs([noisy, pinned], tmp_path / "out")
+    labels = [ax.get_ylabel() for ax in result.figure.axes if "∇²L" in ax.get_ylabel() or "R(θ)" in ax.get_ylabel()]
+    assert labels and all(label.endswith(", flip p=0.2 loss") for label in labels), labels

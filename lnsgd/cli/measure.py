@@ -28,7 +28,9 @@ def measure_sharpness(
         Optional[float], typer.Option("--rtol", help="stop the trace's HVPs once its standard error is below rtol·|tr∇²L| (--hvps caps it)")
     ] = None,
     seed: Annotated[int, typer.Option("--seed", help="seed of the random probes")] = 0,
-    loss: Annotated[str, typer.Option("--loss", help="expected (over the recipe's label noise) or clean")] = "expected",
+    loss: Annotated[
+        str, typer.Option("--loss", help="expected (over the recipe's label noise), clean, or flip:P / gaussian:SIGMA")
+    ] = "expected",
     measures: Annotated[
         Optional[list[str]], typer.Option("--measure", help="trace, lambda_max, trace_gn, R (repeatable; default all)")
     ] = None,
@@ -41,10 +43,13 @@ def measure_sharpness(
 
     Example (after lnsgd train recipes/quickstart.yaml): lnsgd measure-sharpness runs/quickstart/final.pt --hvps 100
     """
+    from lnsgd.recipe import parse_measured_loss
     from lnsgd.sharpness import measure_checkpoint
 
-    if loss not in ("expected", "clean"):
-        raise fail(f"--loss {loss!r}: expected 'expected' or 'clean'")
+    try:
+        parse_measured_loss(loss)
+    except ValueError as e:
+        raise fail(f"--loss: {e}") from None
     if device not in ("auto", "cpu", "cuda"):
         raise fail(f"--device {device!r}: expected auto, cpu or cuda")
     if rtol is not None and not 0 < rtol < 1:

@@ -28,6 +28,7 @@ from lnsgd.report.runs import (
     finite_float,
     group_runs,
     load_run,
+    measured_losses,
     run_series,
     running_mean,
 )
@@ -184,10 +185,11 @@ def plot_runs(
     notes += panel_notes
     if not panels:
         raise LnsgdError("nothing to plot: " + "; ".join(panel_notes))
+    loss = _one_measured_loss(runs) if any(p.startswith("sharp/") or p == CORRELATION for p in panels) else None
     curves, curve_notes = _aggregate_curves(groups, panels, sharp, x)
     notes = list(dict.fromkeys(notes + curve_notes))  # same note from two metrics → once
 
-    fig, csv_rows = _draw_figure(runs, groups, panels, curves, x, sharp, smooth, base)
+    fig, csv_rows = _draw_figure(runs, groups, panels, curves, x, sharp, smooth, base, loss)
     if base is not None and not any(p in ("test/acc", CORRELATION) for p in panels):
         notes.append("baseline not drawn: neither the test/acc nor the correlation panel is shown")
     files = _write_files(fig, csv_rows, Path(out_dir), stem, formats)
@@ -259,9 +261,26 @@ def _aggregate_curves(
     return curves, notes
 
 
-def _draw_figure(runs, groups, panels, curves, x, sharp, smooth, base) -> tuple[Any, list[tuple]]:
+def _one_measured_loss(runs: Sequence[Run]) -> str | None:
+    """The loss every run's sharpness was measured on ("flip p=0.2", "clean"), or None if none
+    says; curves of tr∇²L of different losses on one axis would compare different functions."""
+    by_loss: dict[str, list[str]] = {}
+    for run in runs:
+        for label in measured_losses(run):
+            by_loss.setdefault(label, []).append(run.name)
+    if len(by_loss) > 1:
+        which = "; ".join(f"{label}: {', '.join(names[:3])}" for label, names in by_loss.items())
+        raise LnsgdError(
+            f"these runs measured sharpness on different losses ({which}); plot them separately, or measure every "
+            "arm on one loss (track.sharpness.loss=flip:P in each recipe, e.g. the label-noise arm's)"
+        )
+    return next(iter(by_loss), None)
+
+
+def _draw_figure(runs, groups, panels, curves, x, sharp, smooth, base, loss=None) -> tuple[Any, list[tuple]]:
     """One axis per panel, a shared legend below them and a title counting the runs;
-    returns the figure and the CSV rows of every point drawn."""
+    returns the figure and the CSV rows of every point drawn. ``loss`` names the loss the
+    sharpness axes are of."""
     # Imported here: finding, grouping and comparing runs must not pay for matplotlib.
     from matplotlib.figure import Figure
     from matplotlib.ticker import PercentFormatter
@@ -279,9 +298,13 @@ def _draw_figure(runs, groups, panels, curves, x, sharp, smooth, base) -> tuple[
         if panel == CORRELATION:
             csv_rows += _draw_correlation(ax, groups, curves, sharp, smooth, colours, labels)
             y_metric = "test/acc"
+            if loss:
+                ax.set_xlabel(f"{ax.get_xlabel()}, {loss} loss")
         else:
             csv_rows += _draw_metric(ax, panel, groups, curves, x, colours, labels)
             y_metric = panel
+            if loss and panel.startswith("sharp/"):
+                ax.set_ylabel(f"{ax.get_ylabel()}, {loss} loss")
         if y_metric.endswith("/acc"):
             ax.yaxis.set_major_formatter(PercentFormatter(xmax=1))
         if base is not None and y_metric == "test/acc":

@@ -451,3 +451,24 @@ def running_mean(values: Sequence[float], window: int) -> list[float]:
         math.fsum(values[max(0, i - window + 1) : i + 1]) / min(i + 1, window)
         for i in range(len(values))
     ]
+
+
+def measured_losses(run: Run) -> list[str]:
+    """The losses a run's ``sharp/*`` columns were measured on, as labels that compare across
+    runs ("flip p=0.2", "clean"). Rows written before the label named the loss itself say
+    "expected" or "clean": "expected" is resolved from the run's own noise."""
+    labels = []
+    for row in run.rows:
+        label = row.get("sharp/loss")
+        if label == "expected":
+            noise = run.recipe.get("noise") or {}
+            kind, p, sigma = noise.get("kind", "none"), noise.get("p", 0) or 0, noise.get("sigma", 0) or 0
+            if kind in ("flip", "smooth") and p > 0:
+                label = f"flip p={p:g}"
+            elif kind in ("sign", "gaussian") and sigma > 0:
+                label = f"gaussian σ={sigma:g}"
+            else:
+                label = "clean"
+        if isinstance(label, str) and label not in labels:
+            labels.append(label)
+    return labels
