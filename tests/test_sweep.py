@@ -194,6 +194,55 @@ def test_bad_input_is_one_clear_line_and_starts_nothing(tmp_path, args, fragment
     assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").rglob("metrics.jsonl"))
 
 
+@pytest.mark.parametrize(
+    "sbatch_says, options, fragments",
+    [
+        ("sbatch: error: Invalid generic resource (gres) specification", {"gpus_per_job": 1}, ["--gpus-per-job 0"]),
+        ("sbatch: error: invalid partition specified: gpu\nsbatch: error: Batch job submission failed: Invalid partition "
+         "name specified", {"partition": "gpu"}, ["--partition gpu", "invalid partition specified: gpu"]),
+        ("sbatch: unrecognized option '--bogus-key=1'\nTry \"sbatch --help\" for more information", {"slurm": {"bogus_key": 1}},
+         ["--slurm bogus_key", "sbatch has no option --bogus-key"]),
+    ],
+    ids=["gres", "partition", "slurm-key"],
+)  # fmt: skip
+def test_an_sbatch_refusal_becomes_one_line_naming_the_option(tmp_path, sbatch_says, options, fragments):
+    pytest.importorskip("submitit")
+    from lnsgd.sweep import SubmititExecutor, SubmititOptions
+
+    runner = SubmititExecutor(SubmititOptions(cluster="local", **options))
+    runner.make_executor(tmp_path / "submitit")
+    line = runner.submission_error(sbatch_says)
+    assert "\n" not in line and line.startswith("Slurm refused the jobs") and all(f in line for f in fragments), line
+
+
+def test_max_requeues_is_submitits_time_out_requeue_limit(tmp_path):
+    pytest.importorskip("submitit")
+    from lnsgd.sweep import SubmititExecutor, SubmititOptions
+
+    ex = SubmititExecutor(SubmititOptions(cluster="local", max_requeues=7)).make_executor(tmp_path / "submitit")
+    assert ex._executor.max_num_timeout == 7  # what submitit counts time-limit requeues against
+    assert "--max-requeues" in invoke("sweep", "--help").output
+
+
+def test_a_repeated_submitit_warning_is_said_once_and_a_new_one_still_shows(caplog):
+    import logging
+
+    from lnsgd.sweep.slurm import OncePerMessage
+
+    logger = logging.getLogger("submitit")
+    once = OncePerMessage()
+    logger.addFilter(once)
+    try:
+        with caplog.at_level(logging.WARNING, logger="submitit"):
+            for call in (1, 2, 3):
+                logger.warning(f"Call #{call} - Bypassing sacct error Command '['sacct']' returned 1, status may be inaccurate.")
+            logger.warning("Call #4 - Bypassing sacct error Command '['sacct']' returned 2, status may be inaccurate.")
+    finally:
+        logger.removeFilter(once)
+    said = [r.getMessage() for r in caplog.records]
+    assert len(said) == 2 and "returned 1" in said[0] and "returned 2" in said[1], said
+
+
 def test_submitit_missing_says_how_to_install(tmp_path, monkeypatch):
     import sys
 

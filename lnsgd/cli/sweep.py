@@ -78,9 +78,31 @@ def sweep(
     gpus_per_job: Annotated[
         Optional[int],
         typer.Option(
-            "--gpus-per-job", min=0, help="GPUs per run (default: 1 on slurm, 0 locally)", rich_help_panel=SUBMITIT_PANEL
+            "--gpus-per-job",
+            min=0,
+            help="GPUs per run (default: 1 on a Slurm partition whose nodes have GPUs, per sinfo; else 0)",
+            rich_help_panel=SUBMITIT_PANEL,
         ),
     ] = None,
+    cpus_per_job: Annotated[
+        Optional[int],
+        typer.Option(
+            "--cpus-per-job",
+            min=1,
+            help="SLURM: CPUs per run (default: 4, or all of a node's if it has fewer)",
+            rich_help_panel=SUBMITIT_PANEL,
+            show_default=False,
+        ),
+    ] = None,
+    max_requeues: Annotated[
+        int,
+        typer.Option(
+            "--max-requeues",
+            min=0,
+            help="time-limit requeues per job before it is given up (requeues by preemption or scontrol are not counted)",
+            rich_help_panel=SUBMITIT_PANEL,
+        ),
+    ] = 3,
     timeout_min: Annotated[
         int,
         typer.Option(
@@ -125,9 +147,9 @@ def sweep(
         _print_plan(plan, console)
         return
     if executor == "submitit":
-        options = SubmititOptions(cluster=cluster, partition=partition, gpus_per_job=gpus_per_job, timeout_min=timeout_min,
-                                  mem_gb=mem_gb, array_parallelism=array_parallelism,
-                                  slurm=parse_slurm_options(slurm or []))  # fmt: skip
+        options = SubmititOptions(cluster=cluster, partition=partition, gpus_per_job=gpus_per_job, cpus_per_job=cpus_per_job,
+                                  timeout_min=timeout_min, max_requeues=max_requeues, mem_gb=mem_gb,
+                                  array_parallelism=array_parallelism, slurm=parse_slurm_options(slurm or []))  # fmt: skip
         runner = SubmititExecutor(options)
     else:
         gpus = _visible_gpus()
@@ -138,7 +160,7 @@ def sweep(
         runner = ProcessExecutor(jobs=n, gpus=gpus, env=env, python=sys.executable)
     err_console.print(f"sweep {plan.name}: {len(plan.points)} runs in {plan.dir}", highlight=False)
     again = _command_line(recipe, overrides, grid, zip_, name, executor, jobs, cluster, partition, gpus_per_job, timeout_min,
-                          mem_gb, array_parallelism, slurm)  # fmt: skip
+                          mem_gb, array_parallelism, slurm, cpus_per_job, max_requeues)  # fmt: skip
     try:
         result = run_sweep(plan, runner, force=force, event=_printer(err_console))
     except RunInterrupted as e:
@@ -199,6 +221,10 @@ def _printer(err_console):
             err = f": {info['error']}" if info.get("error") else ""
             color = {"done": "green", "failed": "red"}.get(info["status"], "yellow")
             err_console.print(f"  [{color}]{info['status']:<6}[/] {pid}{took}{err}", highlight=False, soft_wrap=True)
+        elif kind == "requeued":
+            times = f", {info['requeues']} times" if info.get("requeues", 1) > 1 else ""
+            err_console.print(f"  [cyan]requeued[/] {pid} (job {info['job_id']}, now {info['state'].lower()}{times}; "
+                              "it resumes from last.pt)", highlight=False)  # fmt: skip
         elif kind == "skipped":
             err_console.print(f"  skip   {pid} (done)", highlight=False)
         elif kind == "note":
@@ -225,7 +251,7 @@ def _print_plan(plan, console) -> None:
 
 
 def _command_line(recipe, overrides, grid, zip_, name, executor, jobs, cluster, partition, gpus_per_job, timeout_min, mem_gb,
-                  array_parallelism, slurm) -> str:  # fmt: skip
+                  array_parallelism, slurm, cpus_per_job=None, max_requeues=3) -> str:  # fmt: skip
     """The command that continues this sweep (the same arguments)."""
     args = ["lnsgd", "sweep", str(recipe), *(overrides or [])]
     for g in grid or []:
@@ -235,12 +261,14 @@ def _command_line(recipe, overrides, grid, zip_, name, executor, jobs, cluster, 
     if executor != "process":
         args += ["--executor", executor]
     options = (("--jobs", jobs), ("--cluster", cluster), ("--partition", partition), ("--gpus-per-job", gpus_per_job),
-               ("--mem-gb", mem_gb), ("--array-parallelism", array_parallelism))  # fmt: skip
+               ("--cpus-per-job", cpus_per_job), ("--mem-gb", mem_gb), ("--array-parallelism", array_parallelism))  # fmt: skip
     for flag, value in options:
         if value is not None:
             args += [flag, str(value)]
     if executor == "submitit" and timeout_min != 24 * 60:
         args += ["--timeout-min", str(timeout_min)]
+    if executor == "submitit" and max_requeues != 3:
+        args += ["--max-requeues", str(max_requeues)]
     for s in slurm or []:
         args += ["--slurm", s]
     return shlex.join(args)

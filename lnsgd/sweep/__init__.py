@@ -33,7 +33,10 @@ Read the modules in this order, one step of a sweep each:
      configures with ``--signal`` (submitit's local backend sends it before its timeout
      too); preemption and requeueing send SIGTERM. Either way the training loop writes
      ``last.pt`` after the current step; on SIGUSR2 submitit then calls ``checkpoint()``
-     and requeues, and the requeued job resumes exactly. Submitit is imported only here.
+     and requeues; on SIGTERM the job exits without a result and Slurm requeues it. The
+     requeued job resumes exactly; the sweep keeps watching it (shown as requeued), and a
+     rerun watches a job Slurm still holds rather than submit another. sbatch's refusals
+     are one line naming the option. Submitit is imported only here.
 5. ``status``: `lnsgd sweep-status`, each point's status and last metrics.
 """
 

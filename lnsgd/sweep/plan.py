@@ -62,7 +62,7 @@ FORMAT = "lnsgd-sweep-1"
 SWEEP_FILE = "sweep.json"
 LOCK_FILE = ".sweep.lock"
 SUBMITIT_DIR = "submitit"  # submitit's logs and pickles, inside the sweep folder
-STATUSES = ("pending", "running", "done", "failed", "interrupted")
+STATUSES = ("pending", "running", "requeued", "done", "failed", "interrupted")
 
 # --------------------------------------------------------------------------- sweep spec files
 

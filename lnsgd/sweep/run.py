@@ -49,6 +49,7 @@ class Task:
     point: Point
     resume: bool
     command: list[str]  # the equivalent `lnsgd train ...` (what the process executor runs)
+    job_id: str | None = None  # the Slurm job sweep.json last recorded for it: watched, not resubmitted, while Slurm holds it
 
 
 @dataclass
@@ -146,15 +147,15 @@ def run_sweep(
                      "error": None}  # fmt: skip
             command = train_command(plan.recipe_path, p, resume=state == "resumable")
             entry["command"] = shlex.join(["lnsgd", *command])
-            for k in ("started", "finished", "returncode", "job_id", "gpu"):
-                if k in prev and state == "done":
+            for k in ("started", "finished", "returncode", "job_id", "gpu", "requeues"):
+                if k in prev and (state == "done" or k in ("started", "job_id", "requeues")):
                     entry[k] = prev[k]
             if state == "done":
                 skipped.append(p.id)
             else:
                 if prev.get("status") in ("failed", "interrupted"):
                     entry["previous"] = {"status": prev["status"], "error": prev.get("error")}
-                tasks.append(Task(p, state == "resumable", command))
+                tasks.append(Task(p, state == "resumable", command, job_id=prev.get("job_id")))
             data["points"].append(entry)
         by_id = {e["id"]: e for e in data["points"]}
         write_sweep(plan.dir, data)
@@ -169,7 +170,8 @@ def run_sweep(
         try:
             executor.run(plan, tasks, update, event)
         except RunInterrupted as e:
-            counts = collections.Counter(e["status"] if e["status"] != "running" else "interrupted" for e in data["points"])
+            counts = collections.Counter(e["status"] if e["status"] not in ("running", "requeued") else "interrupted"
+                                         for e in data["points"])  # fmt: skip
             shown = ", ".join(f"{counts[s]} {s}" for s in STATUSES if counts[s])
             raise RunInterrupted(f"{e} ({shown}); runs were checkpointed") from None
         finally:

@@ -38,7 +38,7 @@ def status_rows(sweep_dir: Path) -> tuple[dict, list[dict]]:
         status = p.get("status", "pending")
         if state == "done":
             status = "done"
-        elif status == "running" and not live:  # the sweep that ran it is gone
+        elif status in ("running", "requeued") and not live:  # the sweep that ran it is gone
             status = "interrupted" if state == "resumable" else "pending"
         error, unreadable = p.get("error"), None
         try:
@@ -77,7 +77,7 @@ def status_table(data: dict, rows: list[dict]):
     if data.get("running_now"):
         title += " (running now)"
     table = Table("point", "status", "epoch", *(label for _, label in shown), "note", title=escape(title))
-    colors = {"done": "green", "failed": "red", "interrupted": "yellow", "running": "cyan", "pending": "dim"}
+    colors = {"done": "green", "failed": "red", "interrupted": "yellow", "running": "cyan", "requeued": "cyan", "pending": "dim"}
     for r in rows:
         epoch = "—" if r["epoch"] is None else f"{r['epoch']}/{r['epochs']}" if r["epochs"] else str(r["epoch"])
         cells = []

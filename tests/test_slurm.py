@@ -1,0 +1,254 @@
+"""Sweeps on a real Slurm cluster (`lnsgd sweep --executor submitit`), at the tiny size.
+
+Marked ``slurm``; skipped unless ``sinfo`` answers (``.ci/run`` brings up a single-node
+cluster with ``../shared/slurm/setup_slurm.sh`` when it can). Each test submits real jobs:
+a 2-point sweep, sbatch's refusals, ``scontrol requeue`` of a running job, and a rerun of
+the sweep while its job is requeued. Results are compared bit for bit with in-process runs.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from lnsgd.recipe import load_recipe
+from lnsgd.sweep import read_sweep
+from lnsgd.track import read_jsonl
+from lnsgd.train import train
+
+from .conftest import TINY, deep_update, one_line_error, same_weights, strip_timing, weights
+
+
+def _cluster_answers() -> str | None:
+    """Why there is no cluster to test on, or None when ``sinfo`` answers."""
+    if shutil.which("sinfo") is None or shutil.which("sbatch") is None:
+        return "no Slurm here (sinfo/sbatch not found); .ci/run brings up a single-node cluster as root"
+    try:
+        res = subprocess.run(["sinfo", "-h", "-o", "%T"], capture_output=True, text=True, timeout=20)
+    except (OSError, subprocess.SubprocessError) as e:
+        return f"sinfo failed ({e})"
+    if res.returncode != 0 or not res.stdout.strip():
+        return f"no Slurm cluster answers (sinfo: {(res.stderr or res.stdout).strip()[:200] or 'no nodes'})"
+    return None
+
+
+NO_CLUSTER = _cluster_answers()
+pytestmark = [pytest.mark.slurm, pytest.mark.skipif(NO_CLUSTER is not None, reason=NO_CLUSTER or "")]
+
+LONG_EPOCHS = 400
+LONG = {"train": {"epochs": LONG_EPOCHS, "checkpoint_every": 1000}}  # last.pt only when stopped (or at the end)
+CPU1 = ("--executor", "submitit", "--cluster", "slurm", "--cpus-per-job", "1", "--timeout-min", "10")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def single_thread():
+    """Jobs inherit OMP_NUM_THREADS=1 (sbatch exports the environment); the references use one thread too."""
+    pytest.importorskip("submitit")
+    old_env, old_threads = os.environ.get("OMP_NUM_THREADS"), torch.get_num_threads()
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old_threads)
+    if old_env is None:
+        os.environ.pop("OMP_NUM_THREADS", None)
+    else:
+        os.environ["OMP_NUM_THREADS"] = old_env
+
+
+def write_tiny(folder: Path, extra: dict | None = None) -> Path:
+    raw = deep_update(TINY, {"train": {"epochs": 2}, "log": {"dir": str(folder / "runs")}})
+    path = folder / "recipe.yaml"
+    path.write_text(yaml.safe_dump(deep_update(raw, extra or {})))
+    return path
+
+
+def invoke(*args):
+    from typer.testing import CliRunner
+
+    from lnsgd.cli import app
+
+    return CliRunner().invoke(app, [str(a) for a in args], catch_exceptions=False)
+
+
+def job_ids(sweep_dir: Path) -> list[str]:
+    with_ids = [p for p in read_sweep(sweep_dir)["points"] if p.get("job_id")] if (sweep_dir / "sweep.json").exists() else []
+    return [p["job_id"] for p in with_ids]
+
+
+@pytest.fixture
+def sweeps():
+    """Sweep folders whose jobs are cancelled after the test, whatever happened."""
+    dirs: list[Path] = []
+    yield dirs
+    ids = [j for d in dirs for j in job_ids(d)]
+    if ids:
+        subprocess.run(["scancel", *ids], capture_output=True, timeout=30)
+
+
+def squeue_state(job_id: str) -> str:
+    res = subprocess.run(["squeue", "-h", "-r", "-j", job_id, "-o", "%T"], capture_output=True, text=True, timeout=30)
+    return res.stdout.strip()
+
+
+def until(condition, timeout: float, what: str) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if condition():
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
+
+
+def start_sweep(recipe: Path, *args: str) -> subprocess.Popen:
+    """`lnsgd sweep` as its own process (its output in sweep.log next to the recipe), as a user would run it."""
+    log = open(recipe.parent / "sweep.log", "a")  # noqa: SIM115 - closed by the child's exit
+    cmd = [sys.executable, "-m", "lnsgd", "sweep", str(recipe), *args]
+    return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ), start_new_session=True)
+
+
+def requeue_when_training(sweep_dir: Path, run_dir: Path) -> str:
+    """`scontrol requeue` the point's job once it has trained a few epochs; make it eligible at once.
+
+    A requeued job waits ~2 minutes (Slurm's BeginTime) before it may start again;
+    ``scontrol update StartTime=now`` lifts that wait, so the test stays short.
+    """
+    until(lambda: run_dir.joinpath("metrics.jsonl").exists() and len(read_jsonl(run_dir / "metrics.jsonl")) >= 5, 60,
+          "the job to train a few epochs")  # fmt: skip
+    (job,) = job_ids(sweep_dir)
+    subprocess.run(["scontrol", "requeue", job], check=True, timeout=30)
+    until(lambda: squeue_state(job) == "PENDING", 40, f"job {job} to be requeued")
+    return job
+
+
+def release(job: str) -> None:
+    subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], check=True, timeout=30)
+
+
+@pytest.fixture(scope="module")
+def long_reference(tmp_path_factory):
+    """The uninterrupted run the requeued ones must reproduce exactly."""
+    root = tmp_path_factory.mktemp("reference")
+    recipe = load_recipe(write_tiny(root, LONG), ["seed=0"])
+    train(recipe, root / "ref")
+    return root / "ref"
+
+
+def assert_same_run(reference: Path, run: Path) -> None:
+    assert same_weights(weights(reference / "final.pt"), weights(run / "final.pt"))
+    rows = read_jsonl(run / "metrics.jsonl")
+    assert [r["epoch"] for r in rows] == list(range(len(rows))) and len(rows) == LONG_EPOCHS + 1  # complete, no repeats
+    assert strip_timing(read_jsonl(reference / "metrics.jsonl")) == strip_timing(rows)
+
+
+# --------------------------------------------------------------------------- the ordinary path
+
+
+def test_two_point_sweep_on_the_cluster_matches_lnsgd_train(tmp_path, sweeps):
+    # No --gpus-per-job: on a cluster without GPUs the default must not make sbatch refuse the jobs.
+    recipe = write_tiny(tmp_path)
+    sweep_dir = tmp_path / "runs" / "tiny-seed"
+    sweeps.append(sweep_dir)
+    res = invoke("sweep", recipe, "--grid", "seed=0,1", *CPU1)
+    assert res.exit_code == 0, res.output
+    data = read_sweep(sweep_dir)
+    assert all(p["status"] == "done" and p["job_id"] for p in data["points"]), data["points"]
+    for seed in (0, 1):
+        ref = tmp_path / f"ref{seed}"
+        train(load_recipe(recipe, [f"seed={seed}"]), ref)
+        run = sweep_dir / f"seed={seed}"
+        assert same_weights(weights(ref / "final.pt"), weights(run / "final.pt"))
+        assert strip_timing(read_jsonl(ref / "metrics.jsonl")) == strip_timing(read_jsonl(run / "metrics.jsonl"))
+    sacct = subprocess.run(["sacct", "-n", "-X", "-P", "-o", "State", "-j", data["points"][0]["job_id"].split("_")[0]],
+                           capture_output=True, text=True, timeout=30).stdout.split()  # fmt: skip
+    assert sacct and all(s in ("COMPLETED", "COMPLETING", "RUNNING") for s in sacct), sacct
+
+
+# --------------------------------------------------------------------------- sbatch's refusals
+
+
+@pytest.mark.parametrize(
+    "args, fragments",
+    [
+        (["--gpus-per-job", "1"], ["--gpus-per-job 0", "gres"]),
+        (["--partition", "nosuchpartition"], ["--partition nosuchpartition", "debug"]),
+        (["--slurm", "bogus_key=1"], ["--slurm bogus_key", "sbatch"]),
+    ],
+    ids=["gpus-on-cpu-nodes", "partition", "slurm-key"],
+)
+def test_a_refused_submission_is_one_line_naming_the_option_and_leaves_nothing(tmp_path, sweeps, args, fragments):
+    recipe = write_tiny(tmp_path)
+    sweep_dir = tmp_path / "runs" / "tiny-seed"
+    sweeps.append(sweep_dir)
+    line = one_line_error(invoke("sweep", recipe, "--grid", "seed=0,1", *CPU1, *args))
+    assert "Slurm refused the jobs" in line and all(f in line for f in fragments), line
+    assert not (sweep_dir / "submitit").exists(), sorted((sweep_dir / "submitit").rglob("*"))
+    assert not any(p.get("job_id") for p in read_sweep(sweep_dir)["points"])
+
+
+# --------------------------------------------------------------------------- requeue
+
+
+def test_scontrol_requeue_checkpoints_resumes_and_the_sweep_keeps_watching(tmp_path, sweeps, long_reference):
+    recipe = write_tiny(tmp_path, LONG)
+    sweep_dir = tmp_path / "runs" / "tiny-seed"
+    run = sweep_dir / "seed=0"
+    sweeps.append(sweep_dir)
+    proc = start_sweep(recipe, "--grid", "seed=0", *CPU1)
+    try:
+        job = requeue_when_training(sweep_dir, run)
+        until(lambda: read_sweep(sweep_dir)["points"][0]["status"] == "requeued", 20, "the sweep to show the requeue")
+        assert proc.poll() is None, "the sweep must keep watching a requeued job"
+        release(job)
+        assert proc.wait(timeout=60) == 0, (tmp_path / "sweep.log").read_text()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    out = (tmp_path / "sweep.log").read_text()
+    assert "requeued seed=0" in out and "done   seed=0" in out and "interrupted" not in out, out
+    (point,) = read_sweep(sweep_dir)["points"]
+    assert point["status"] == "done" and point["job_id"] == job and point["requeues"] >= 1
+    assert "stopped by SIGTERM" in "".join(p.read_text() for p in (sweep_dir / "submitit").glob("*_log.out"))
+    assert_same_run(long_reference, run)
+
+
+def test_rerunning_the_sweep_while_its_job_is_requeued_starts_no_second_job(tmp_path, sweeps, long_reference):
+    recipe = write_tiny(tmp_path, LONG)
+    name = f"rerun-{os.getpid()}-{int(time.time())}"  # its jobs are named lnsgd-<name>: only this test's
+    sweep_dir = tmp_path / "runs" / name
+    run = sweep_dir / "seed=0"
+    sweeps.append(sweep_dir)
+    args = ("--grid", "seed=0", "--name", name, *CPU1)
+    first = start_sweep(recipe, *args)
+    try:
+        job = requeue_when_training(sweep_dir, run)
+    finally:
+        os.killpg(first.pid, signal.SIGKILL)  # the sweep dies (a lost login session); its job lives on in Slurm
+        first.wait(timeout=30)
+    assert squeue_state(job) == "PENDING"
+    log = tmp_path / "sweep.log"
+    log.write_text("")
+    rerun = start_sweep(recipe, *args)
+    try:
+        until(lambda: "watching it" in log.read_text() or rerun.poll() is not None, 30, "the rerun to find the job")
+        release(job)  # the requeued job starts again; the rerun watches it to the end
+        assert rerun.wait(timeout=60) == 0, log.read_text()
+    finally:
+        if rerun.poll() is None:
+            rerun.kill()
+    out = log.read_text()
+    assert f"its job {job} is still pending; watching it, not submitting another" in out and "start  seed=0" not in out, out
+    (point,) = read_sweep(sweep_dir)["points"]
+    assert point["status"] == "done" and point["job_id"] == job
+    ours = subprocess.run(["sacct", "-n", "-X", "-P", "-o", "JobID", "--name", f"lnsgd-{name}"],
+                          capture_output=True, text=True, timeout=30)  # fmt: skip
+    assert ours.stdout.split() == [job], f"jobs submitted for this sweep: {ours.stdout.split()}"
+    assert_same_run(long_reference, run)
