@@ -106,3 +106,36 @@ def same_weights(a: dict, b: dict) -> bool:
     import torch
 
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.fixture(scope="module")
+def single_thread():
+    """Children run with OMP_NUM_THREADS=1 (much faster for tiny models on shared cores; sbatch
+    exports it to Slurm jobs too); in-process references use one thread, so results compare bit
+    for bit. For modules that start runs in other processes: pytestmark usefixtures."""
+    import torch
+
+    old_env, old_threads = os.environ.get("OMP_NUM_THREADS"), torch.get_num_threads()
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old_threads)
+    if old_env is None:
+        os.environ.pop("OMP_NUM_THREADS", None)
+    else:
+        os.environ["OMP_NUM_THREADS"] = old_env
+
+
+def write_tiny(folder: Path, extra: dict | None = None, name: str = "recipe.yaml") -> Path:
+    """The tiny recipe, two epochs, logging below ``folder``, with ``extra`` merged in."""
+    raw = deep_update(TINY, {"train": {"epochs": 2}, "log": {"dir": str(folder / "runs")}})
+    path = folder / name
+    path.write_text(yaml.safe_dump(deep_update(raw, extra or {})))
+    return path
+
+
+def invoke(*args):
+    """The CLI in-process, exceptions not caught (a traceback fails the test)."""
+    from lnsgd.cli import app
+
+    return CliRunner().invoke(app, [str(a) for a in args], catch_exceptions=False)

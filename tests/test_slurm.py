@@ -17,15 +17,13 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
-import yaml
 
 from lnsgd.recipe import load_recipe
 from lnsgd.sweep import read_sweep
 from lnsgd.track import read_jsonl
 from lnsgd.train import train
 
-from .conftest import TINY, deep_update, one_line_error, same_weights, strip_timing, weights
+from .conftest import invoke, one_line_error, same_weights, strip_timing, weights, write_tiny
 
 
 def _cluster_answers() -> str | None:
@@ -42,41 +40,13 @@ def _cluster_answers() -> str | None:
 
 
 NO_CLUSTER = _cluster_answers()
-pytestmark = [pytest.mark.slurm, pytest.mark.skipif(NO_CLUSTER is not None, reason=NO_CLUSTER or "")]
+pytest.importorskip("submitit")
+pytestmark = [pytest.mark.slurm, pytest.mark.skipif(NO_CLUSTER is not None, reason=NO_CLUSTER or ""),
+              pytest.mark.usefixtures("single_thread")]  # fmt: skip
 
 LONG_EPOCHS = 400
 LONG = {"train": {"epochs": LONG_EPOCHS, "checkpoint_every": 1000}}  # last.pt only when stopped (or at the end)
 CPU1 = ("--executor", "submitit", "--cluster", "slurm", "--cpus-per-job", "1", "--timeout-min", "10")
-
-
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    """Jobs inherit OMP_NUM_THREADS=1 (sbatch exports the environment); the references use one thread too."""
-    pytest.importorskip("submitit")
-    old_env, old_threads = os.environ.get("OMP_NUM_THREADS"), torch.get_num_threads()
-    os.environ["OMP_NUM_THREADS"] = "1"
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old_threads)
-    if old_env is None:
-        os.environ.pop("OMP_NUM_THREADS", None)
-    else:
-        os.environ["OMP_NUM_THREADS"] = old_env
-
-
-def write_tiny(folder: Path, extra: dict | None = None) -> Path:
-    raw = deep_update(TINY, {"train": {"epochs": 2}, "log": {"dir": str(folder / "runs")}})
-    path = folder / "recipe.yaml"
-    path.write_text(yaml.safe_dump(deep_update(raw, extra or {})))
-    return path
-
-
-def invoke(*args):
-    from typer.testing import CliRunner
-
-    from lnsgd.cli import app
-
-    return CliRunner().invoke(app, [str(a) for a in args], catch_exceptions=False)
 
 
 def job_ids(sweep_dir: Path) -> list[str]:

@@ -13,7 +13,6 @@ import pytest
 import torch
 import yaml
 
-from lnsgd.cli import app
 from lnsgd.recipe import load_recipe, recipe_to_dict
 from lnsgd.sweep import (
     Axis,
@@ -29,39 +28,13 @@ from lnsgd.sweep import (
 from lnsgd.track import read_jsonl
 from lnsgd.train import train
 
-from .conftest import TINY, deep_update, one_line_error, same_weights, strip_timing, weights
+from .conftest import invoke, one_line_error, same_weights, strip_timing, weights, write_tiny
+
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 SPECS = sorted((Path(__file__).parent.parent / "recipes" / "sweeps").glob("*.sweep"))
 GRID = ["--grid", "optim.lr=0.05,0.1", "--grid", "seed=0,1"]
 IDS = ["lr=0.05,seed=0", "lr=0.05,seed=1", "lr=0.1,seed=0", "lr=0.1,seed=1"]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    """Children run with OMP_NUM_THREADS=1 (much faster for tiny models on shared cores);
-    in-process references use one thread too, so results compare bit for bit."""
-    old_env, old_threads = os.environ.get("OMP_NUM_THREADS"), torch.get_num_threads()
-    os.environ["OMP_NUM_THREADS"] = "1"
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old_threads)
-    if old_env is None:
-        os.environ.pop("OMP_NUM_THREADS", None)
-    else:
-        os.environ["OMP_NUM_THREADS"] = old_env
-
-
-def write_tiny(folder: Path, extra: dict | None = None, name: str = "recipe.yaml") -> Path:
-    raw = deep_update(TINY, {"train": {"epochs": 2}, "log": {"dir": str(folder / "runs")}})
-    path = folder / name
-    path.write_text(yaml.safe_dump(deep_update(raw, extra or {})))
-    return path
-
-
-def invoke(*args):
-    from typer.testing import CliRunner
-
-    return CliRunner().invoke(app, [str(a) for a in args], catch_exceptions=False)
 
 
 # --------------------------------------------------------------------------- grid expansion and naming (unit)
