@@ -172,6 +172,23 @@ def parse_measured_loss(text: str) -> tuple[str, float]:
         return kind, number
     raise ValueError(f"expected 'expected', 'clean', 'flip:P' with 0 < P < 1 or 'gaussian:SIGMA' with SIGMA > 0; got {text!r}")
 
+
+def describe_measured_loss(which: str, loss: str, noise_kind: str, p: float, sigma: float) -> str:
+    """What a sharpness measurement's loss is, in words that compare across runs: "flip p=0.2",
+    "gaussian σ=0.1" or "clean" — ``which`` = "expected" resolved to the run's own noise
+    (``loss``, ``noise_kind``, ``p``, ``sigma``; plain SGD's expected loss is the clean one)."""
+    kind, value = parse_measured_loss(which)
+    if kind == "expected":
+        if noise_kind in ("flip", "smooth") and (p or 0) > 0 and loss == "cross_entropy":
+            kind, value = "flip", p  # smooth trains on flip's expected loss itself
+        elif noise_kind in ("sign", "gaussian") and (sigma or 0) > 0 and loss == "mse":
+            kind, value = "gaussian", sigma  # ±σ and N(0, σ²) have the same expected MSE
+        else:
+            kind = "clean"
+    if kind == "clean":
+        return "clean"
+    return f"flip p={value:g}" if kind == "flip" else f"gaussian σ={value:g}"
+
 class SharpnessTrack(Section):
     """Curvature measured during training on a fixed subset of the training set."""
 

@@ -32,7 +32,7 @@ from lnsgd.curvature.regularizer import deflation_run_length, eta_bound, regular
 from lnsgd.data import Data, model_targets
 from lnsgd.errors import LnsgdError
 from lnsgd.losses import clean_loss, expected_loss
-from lnsgd.recipe import Recipe, parse_measured_loss
+from lnsgd.recipe import Recipe, describe_measured_loss, parse_measured_loss
 from lnsgd.runtime import stream_seed
 from lnsgd.train.step import tf32_allowed
 
@@ -268,20 +268,9 @@ def measured_loss(recipe: Recipe, num_outputs: int, which: str = "expected"):
 
 
 def measured_loss_label(recipe: Recipe, which: str = "expected") -> str:
-    """What was measured, in words that compare across runs: "flip p=0.2", "gaussian σ=0.1" or
-    "clean" — "expected" resolved to the run's own noise (plain SGD's expected loss is the clean one)."""
-    kind, value = parse_measured_loss(which)
-    if kind == "expected":
-        noise = recipe.noise
-        if noise.kind in ("flip", "smooth") and noise.p > 0 and recipe.loss == "cross_entropy":
-            kind, value = "flip", noise.p  # smooth trains on flip's expected loss itself
-        elif noise.kind in ("sign", "gaussian") and noise.sigma > 0 and recipe.loss == "mse":
-            kind, value = "gaussian", noise.sigma  # ±σ and N(0, σ²) have the same expected MSE
-        else:
-            kind = "clean"
-    if kind == "clean":
-        return "clean"
-    return f"flip p={value:g}" if kind == "flip" else f"gaussian σ={value:g}"
+    """What was measured on ``recipe``'s run ("flip p=0.2", "clean"; see ``recipe.describe_measured_loss``)."""
+    n = recipe.noise
+    return describe_measured_loss(which, recipe.loss, n.kind, n.p, n.sigma)
 
 
 def evaluation_subset(data: Data, recipe: Recipe, examples: int) -> tuple[torch.Tensor, torch.Tensor]:

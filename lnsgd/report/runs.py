@@ -24,6 +24,7 @@ from typing import Any
 import yaml
 
 from lnsgd.errors import LnsgdError
+from lnsgd.recipe import describe_measured_loss
 from lnsgd.track import read_jsonl
 
 RECIPE_FILE = "recipe.yaml"
@@ -462,13 +463,8 @@ def measured_losses(run: Run) -> list[str]:
         label = row.get("sharp/loss")
         if label == "expected":
             noise = run.recipe.get("noise") or {}
-            kind, p, sigma = noise.get("kind", "none"), noise.get("p", 0) or 0, noise.get("sigma", 0) or 0
-            if kind in ("flip", "smooth") and p > 0:
-                label = f"flip p={p:g}"
-            elif kind in ("sign", "gaussian") and sigma > 0:
-                label = f"gaussian σ={sigma:g}"
-            else:
-                label = "clean"
+            label = describe_measured_loss("expected", run.recipe.get("loss", "cross_entropy"), noise.get("kind", "none"),
+                                        noise.get("p", 0), noise.get("sigma", 0))  # fmt: skip
         if isinstance(label, str) and label not in labels:
             labels.append(label)
     return labels
