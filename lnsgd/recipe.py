@@ -170,7 +170,7 @@ def parse_measured_loss(text: str) -> tuple[str, float]:
         number = float("nan")
     if kind == "flip" and 0 < number < 1 or kind == "gaussian" and number > 0:
         return kind, number
-    raise ValueError(f"expected 'expected', 'clean', 'flip:P' with 0 < P < 1 or 'gaussian:SIGMA' with SIGMA > 0; got {text!r}")
+    raise ValueError("expected 'expected', 'clean', 'flip:P' with 0 < P < 1 or 'gaussian:SIGMA' with SIGMA > 0")
 
 
 def describe_measured_loss(which: str, loss: str, noise_kind: str, p: float, sigma: float) -> str:

@@ -49,7 +49,7 @@ def measure_sharpness(
     try:
         parse_measured_loss(loss)
     except ValueError as e:
-        raise fail(f"--loss: {e}") from None
+        raise fail(f"--loss: {e} (got {loss!r})") from None
     if device not in ("auto", "cpu", "cuda"):
         raise fail(f"--device {device!r}: expected auto, cpu or cuda")
     if rtol is not None and not 0 < rtol < 1:
