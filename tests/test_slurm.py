@@ -3,11 +3,14 @@
 Marked ``slurm``; skipped unless ``sinfo`` answers (``.ci/run`` brings up a single-node
 cluster with ``../shared/slurm/setup_slurm.sh`` when it can). Each test submits real jobs:
 a 2-point sweep, sbatch's refusals, ``scontrol requeue`` of a running job, and a rerun of
-the sweep while its job is requeued. Results are compared bit for bit with in-process runs.
+the sweep while its job is requeued, a real time limit (Slurm's USR2 warning) and preemption
+by a job in the higher-priority partition. Results are compared bit for bit with in-process runs.
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import shutil
 import signal
@@ -78,6 +81,25 @@ def until(condition, timeout: float, what: str) -> None:
     raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
 
 
+def sacct(*args: str) -> list[str]:
+    res = subprocess.run(["sacct", "-n", "-X", "-P", *args], capture_output=True, text=True, timeout=30)
+    return res.stdout.split()
+
+
+def settled_sacct(*args: str, ok, timeout: float = 60) -> list[str]:
+    """``sacct`` output once ``ok(output)`` holds: slurmctld sends accounting to slurmdbd
+    asynchronously, so a job that has ended can read PENDING (or be missing) for a while."""
+    seen: list[str] = []
+
+    def settled() -> bool:
+        seen[:] = sacct(*args)
+        return ok(seen)
+
+    with contextlib.suppress(AssertionError):
+        until(settled, timeout, "sacct")
+    return seen
+
+
 def start_sweep(recipe: Path, *args: str) -> subprocess.Popen:
     """`lnsgd sweep` as its own process (its output in sweep.log next to the recipe), as a user would run it."""
     log = open(recipe.parent / "sweep.log", "a")  # noqa: SIM115 - closed by the child's exit
@@ -85,15 +107,21 @@ def start_sweep(recipe: Path, *args: str) -> subprocess.Popen:
     return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ), start_new_session=True)
 
 
-def requeue_when_training(sweep_dir: Path, run_dir: Path) -> str:
-    """`scontrol requeue` the point's job once it has trained a few epochs; make it eligible at once.
-
-    A requeued job waits ~2 minutes (Slurm's BeginTime) before it may start again;
-    ``scontrol update StartTime=now`` lifts that wait, so the test stays short.
-    """
+def training(sweep_dir: Path, run_dir: Path) -> str:
+    """The point's job id, once the job has trained a few epochs."""
     until(lambda: run_dir.joinpath("metrics.jsonl").exists() and len(read_jsonl(run_dir / "metrics.jsonl")) >= 5, 60,
           "the job to train a few epochs")  # fmt: skip
     (job,) = job_ids(sweep_dir)
+    return job
+
+
+def requeue_when_training(sweep_dir: Path, run_dir: Path) -> str:
+    """`scontrol requeue` the point's job once it has trained a few epochs.
+
+    A requeued job waits ~2 minutes (Slurm's BeginTime) before it may start again;
+    ``release`` (``scontrol update StartTime=now``) lifts that wait, so the tests stay short.
+    """
+    job = training(sweep_dir, run_dir)
     subprocess.run(["scontrol", "requeue", job], check=True, timeout=30)
     until(lambda: squeue_state(job) == "PENDING", 40, f"job {job} to be requeued")
     return job
@@ -112,10 +140,17 @@ def long_reference(tmp_path_factory):
     return root / "ref"
 
 
-def assert_same_run(reference: Path, run: Path) -> None:
+def reference_run(root: Path, extra: dict) -> Path:
+    """An uninterrupted in-process run of the tiny recipe with ``extra`` (seed 0)."""
+    root.mkdir(parents=True, exist_ok=True)
+    train(load_recipe(write_tiny(root, extra), ["seed=0"]), root / "ref")
+    return root / "ref"
+
+
+def assert_same_run(reference: Path, run: Path, epochs: int = LONG_EPOCHS) -> None:
     assert same_weights(weights(reference / "final.pt"), weights(run / "final.pt"))
     rows = read_jsonl(run / "metrics.jsonl")
-    assert [r["epoch"] for r in rows] == list(range(len(rows))) and len(rows) == LONG_EPOCHS + 1  # complete, no repeats
+    assert [r["epoch"] for r in rows] == list(range(len(rows))) and len(rows) == epochs + 1  # complete, no repeats
     assert strip_timing(read_jsonl(reference / "metrics.jsonl")) == strip_timing(rows)
 
 
@@ -137,9 +172,9 @@ def test_two_point_sweep_on_the_cluster_matches_lnsgd_train(tmp_path, sweeps):
         run = sweep_dir / f"seed={seed}"
         assert same_weights(weights(ref / "final.pt"), weights(run / "final.pt"))
         assert strip_timing(read_jsonl(ref / "metrics.jsonl")) == strip_timing(read_jsonl(run / "metrics.jsonl"))
-    sacct = subprocess.run(["sacct", "-n", "-X", "-P", "-o", "State", "-j", data["points"][0]["job_id"].split("_")[0]],
-                           capture_output=True, text=True, timeout=30).stdout.split()  # fmt: skip
-    assert sacct and all(s in ("COMPLETED", "COMPLETING", "RUNNING") for s in sacct), sacct
+    array = data["points"][0]["job_id"].split("_")[0]
+    states = settled_sacct("-o", "State", "-j", array, ok=lambda out: len(out) == 2 and set(out) == {"COMPLETED"})
+    assert states == ["COMPLETED", "COMPLETED"], f"sacct -j {array}: {states}"
 
 
 # --------------------------------------------------------------------------- sbatch's refusals
@@ -204,6 +239,10 @@ def test_rerunning_the_sweep_while_its_job_is_requeued_starts_no_second_job(tmp_
         os.killpg(first.pid, signal.SIGKILL)  # the sweep dies (a lost login session); its job lives on in Slurm
         first.wait(timeout=30)
     assert squeue_state(job) == "PENDING"
+    # The sweep is gone but Slurm holds the job: sweep-status shows the job and Slurm's state, not "interrupted".
+    (row,) = json.loads(invoke("sweep-status", sweep_dir, "--json").output)
+    assert (row["status"], row["job_id"], row["slurm_state"]) == ("requeued", job, "PENDING"), row
+    assert job in invoke("sweep-status", sweep_dir).output
     log = tmp_path / "sweep.log"
     log.write_text("")
     rerun = start_sweep(recipe, *args)
@@ -218,7 +257,105 @@ def test_rerunning_the_sweep_while_its_job_is_requeued_starts_no_second_job(tmp_
     assert f"its job {job} is still pending; watching it, not submitting another" in out and "start  seed=0" not in out, out
     (point,) = read_sweep(sweep_dir)["points"]
     assert point["status"] == "done" and point["job_id"] == job
-    ours = subprocess.run(["sacct", "-n", "-X", "-P", "-o", "JobID", "--name", f"lnsgd-{name}"],
-                          capture_output=True, text=True, timeout=30)  # fmt: skip
-    assert ours.stdout.split() == [job], f"jobs submitted for this sweep: {ours.stdout.split()}"
+    ours = settled_sacct("-o", "JobID", "--name", f"lnsgd-{name}", ok=lambda out: out == [job], timeout=20)
+    assert ours == [job], f"jobs submitted for this sweep: {ours}"
     assert_same_run(long_reference, run)
+
+
+# --------------------------------------------------------------------------- time limit and preemption
+
+# Runs long enough that Slurm's time-limit warning (USR2, sent at slurmctld's next time-limit
+# check, within ~30 s of the start when the limit is 1 minute) comes in the middle of training.
+TIME_LIMITED_EPOCHS = 7000
+TIME_LIMITED = {"train": {"epochs": TIME_LIMITED_EPOCHS, "checkpoint_every": 100_000}}
+
+
+def test_a_real_time_limit_checkpoints_requeues_and_resumes_exactly(tmp_path, sweeps):
+    recipe = write_tiny(tmp_path, TIME_LIMITED)
+    sweep_dir = tmp_path / "runs" / "tiny-seed"
+    sweeps.append(sweep_dir)
+    # --timeout-min 1: every attempt gets USR2 (the warning, 90 s before a limit of 60 s) and requeues itself.
+    args = ("--grid", "seed=0", *CPU1[:-2], "--timeout-min", "1", "--max-requeues", "8")
+    proc = start_sweep(recipe, *args)
+    try:
+        job = training(sweep_dir, sweep_dir / "seed=0")
+        reference = reference_run(tmp_path / "reference", TIME_LIMITED)  # on the other core, while the job trains
+        deadline = time.time() + 240
+        while proc.poll() is None and time.time() < deadline:
+            if squeue_state(job) == "PENDING":
+                release(job)  # a requeued job waits for its BeginTime; let it start now
+            time.sleep(1)
+        assert proc.wait(timeout=10) == 0, (tmp_path / "sweep.log").read_text()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    out = (tmp_path / "sweep.log").read_text()
+    assert "requeued seed=0" in out and "done   seed=0" in out and "interrupted" not in out, out
+    (point,) = read_sweep(sweep_dir)["points"]
+    assert point["status"] == "done" and point["job_id"] == job and point["requeues"] >= 1, point
+    logs = "".join(p.read_text() for p in (sweep_dir / "submitit").glob("*_log.out"))
+    assert "this job is timed-out" in logs, logs[-2000:]
+    assert_same_run(reference, sweep_dir / "seed=0", TIME_LIMITED_EPOCHS)
+
+
+PREEMPTED_EPOCHS = 3000
+PREEMPTED = {"train": {"epochs": PREEMPTED_EPOCHS, "checkpoint_every": 100_000}}
+
+
+def test_preemption_by_the_high_priority_partition_requeues_and_resumes_exactly(tmp_path, sweeps):
+    recipe = write_tiny(tmp_path, PREEMPTED)
+    sweep_dir = tmp_path / "runs" / "tiny-seed"
+    sweeps.append(sweep_dir)
+    proc = start_sweep(recipe, "--grid", "seed=0", *CPU1)
+    preemptor = None
+    try:
+        job = training(sweep_dir, sweep_dir / "seed=0")
+        # A job in `high` that needs every CPU of the node: Slurm preempts ours (PreemptMode=REQUEUE).
+        cpus = max(int(c) for c in subprocess.run(["sinfo", "-h", "-o", "%c"], capture_output=True, text=True,
+                                                  timeout=30).stdout.split())  # fmt: skip
+        preemptor = subprocess.run(["sbatch", "--parsable", "-p", "high", "-c", str(cpus), "-J", f"preemptor-{os.getpid()}",
+                                    "-o", str(tmp_path / "preemptor.out"), "--wrap", "sleep 2"],
+                                   capture_output=True, text=True, check=True, timeout=30).stdout.strip()  # fmt: skip
+        until(lambda: squeue_state(job) == "PENDING", 60, f"job {job} to be preempted and requeued")
+        until(lambda: read_sweep(sweep_dir)["points"][0]["status"] == "requeued", 20, "the sweep to show the requeue")
+        reference = reference_run(tmp_path / "reference", PREEMPTED)  # while the preemptor runs
+        until(lambda: not squeue_state(preemptor), 60, "the preempting job to end")
+        release(job)
+        assert proc.wait(timeout=120) == 0, (tmp_path / "sweep.log").read_text()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        if preemptor:
+            subprocess.run(["scancel", preemptor], capture_output=True, timeout=30)
+    out = (tmp_path / "sweep.log").read_text()
+    assert "requeued seed=0" in out and "done   seed=0" in out and "interrupted" not in out, out
+    (point,) = read_sweep(sweep_dir)["points"]
+    assert point["status"] == "done" and point["job_id"] == job and point["requeues"] >= 1, point
+    logs = "".join(p.read_text() for p in (sweep_dir / "submitit").glob("*_log.*"))
+    assert "stopped by SIGTERM" in logs and "PREEMPTION" in logs, logs[-2000:]
+    assert_same_run(reference, sweep_dir / "seed=0", PREEMPTED_EPOCHS)
+
+
+def test_sigterm_then_usr2_as_submitit_simulates_preemption_requeues_and_resumes_exactly(tmp_path, sweeps, long_reference):
+    # submitit's own job._interrupt(): `scancel --signal SIGTERM`, then `scancel --signal USR2`, in a row.
+    recipe = write_tiny(tmp_path, LONG)
+    sweep_dir = tmp_path / "runs" / "tiny-seed"
+    sweeps.append(sweep_dir)
+    proc = start_sweep(recipe, "--grid", "seed=0", *CPU1)
+    try:
+        job = training(sweep_dir, sweep_dir / "seed=0")
+        for sig in ("SIGTERM", "USR2"):
+            subprocess.run(["scancel", job, "--signal", sig], check=True, timeout=30)
+        until(lambda: squeue_state(job) == "PENDING", 40, f"job {job} to be requeued")
+        release(job)
+        assert proc.wait(timeout=60) == 0, (tmp_path / "sweep.log").read_text()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    out = (tmp_path / "sweep.log").read_text()
+    assert "done   seed=0" in out and "interrupted" not in out and "failed" not in out, out
+    logs = "".join(p.read_text() for p in (sweep_dir / "submitit").glob("*_log.*"))
+    assert "KeyboardInterrupt" not in logs and "Traceback" not in logs, logs[-3000:]
+    (point,) = read_sweep(sweep_dir)["points"]
+    assert point["status"] == "done" and point["job_id"] == job
+    assert_same_run(long_reference, sweep_dir / "seed=0")

@@ -22,7 +22,9 @@ writes ``last.pt`` after the current step and raises ``RunInterrupted``, and onl
 submitit's handler called, which calls ``checkpoint()`` (a ``DelayedSubmission`` of the
 same ``PointJob``) and requeues. The requeued job finds ``last.pt`` and resumes exactly.
 If the signal arrives outside the loop (data loading, writing final.pt) submitit's
-handler runs at once; the last ``last.pt`` is still a consistent state.
+handler runs at once; the last ``last.pt`` is still a consistent state. A job stopped by
+SIGTERM waits ``LATE_USR2_S`` for a USR2 before it exits: SIGTERM then USR2 (submitit's
+``job._interrupt()``) requeues through submitit, whatever the timing of the two.
 """
 
 from __future__ import annotations
@@ -102,7 +104,10 @@ def _define_point_job():
                         # written; exit without a result (SystemExit passes submitit's `except
                         # Exception`), so Slurm's requeue runs this job again and it resumes, and
                         # the sweep reads the outcome from Slurm's state, not from an error result.
+                        # A USR2 right behind the SIGTERM (submitit's simulated preemption) is
+                        # waited for: it requeues the job through submitit instead.
                         print(f"lnsgd: {e}; exiting for Slurm to requeue or end the job", flush=True)
+                        preempted.wait_for_signal(LATE_USR2_S)
                         raise SystemExit(STOPPED_EXIT) from None
                     raise  # SIGTERM/SIGINT elsewhere (cancel, Ctrl-C): last.pt is written, the run interrupted
 
@@ -155,6 +160,12 @@ class _checkpoint_on_preemption:
             self.pending = signum
             self.requeue()
 
+    def wait_for_signal(self, seconds: float) -> None:
+        """Sleep up to ``seconds`` or until SIGUSR2 came (its handler, ``_handle``, then requeues)."""
+        deadline = time.monotonic() + seconds
+        while self.pending is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+
     def requeue(self) -> None:
         handler = self.submitit_handler
         if callable(handler) and self.pending is not None:
@@ -165,6 +176,10 @@ class _checkpoint_on_preemption:
 
 
 STOPPED_EXIT = 143  # 128 + SIGTERM: a Slurm job that checkpointed on SIGTERM and left no result
+# After a SIGTERM checkpoint, how long a job waits for a SIGUSR2 before it exits: submitit's
+# simulated preemption (job._interrupt) sends SIGTERM then USR2, one scancel after the other;
+# Slurm's own SIGKILL comes KillWait (30 s by default) after a SIGTERM.
+LATE_USR2_S = 3.0
 # Slurm states of a job that is not over: the sweep keeps watching it and never submits another.
 ACTIVE_STATES = ("PENDING", "RUNNING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "COMPLETING", "CONFIGURING",
                  "SUSPENDED", "RESIZING", "PREEMPTED", "READY", "SIGNALING", "STAGE_OUT")  # fmt: skip
@@ -250,6 +265,27 @@ def slurm_queue() -> dict[str, tuple[str, int]] | None:
         if len(words) == 3 and words[2].isdigit():
             out[words[0]] = (words[1].upper(), int(words[2]))
     return out
+
+
+def slurm_states(job_ids: Sequence[str]) -> dict[str, str] | None:
+    """Slurm's state of each job id: ``squeue`` for the jobs it still holds, ``sacct`` for the
+    ended ones (where accounting runs); None when neither answers (no Slurm here)."""
+    import subprocess
+
+    queue = slurm_queue()
+    states = {j: queue[j][0] for j in job_ids if queue and j in queue}
+    ended = [j for j in job_ids if j not in states]
+    if ended:
+        try:
+            res = subprocess.run(["sacct", "-n", "-X", "-P", "-o", "JobID,State", "-j", ",".join(ended)],
+                                 capture_output=True, text=True, timeout=30)  # fmt: skip
+        except (OSError, subprocess.SubprocessError):
+            res = None
+        for line in res.stdout.splitlines() if res is not None and res.returncode == 0 else ():
+            jid, _, state = line.partition("|")
+            if jid in ended and state:
+                states[jid] = state.split()[0].upper()  # "CANCELLED by 0" → CANCELLED
+    return states if (queue is not None or states) else None
 
 
 class OncePerMessage:
