@@ -221,6 +221,13 @@ class SharpnessTrack(Section):
         description="tr∇²L estimator: auto (exact tr G, then probes of ∇²L − G or ∇²L, whichever a pilot finds less noisy), "
         "split (always ∇²L − G), or xtrace/hutchpp/hutchinson on ∇²L",
     )
+    project: bool = Field(
+        False,
+        description="also measure at the nearest minimizer of the measured loss on the same examples (deterministic descent "
+        "to ‖∇L‖ ≤ project_tol; sharp/proj_* columns); the run's parameters are never touched",
+    )
+    project_tol: float = Field(1e-4, gt=0, description="the projection stops once ‖∇L‖₂ of the measured loss is at most this")
+    project_steps: int = Field(500, ge=1, description="the projection's step cap; one that does not converge within it warns")
 
 
 class TrackConfig(Section):

@@ -270,8 +270,9 @@ def test_baseline_without_test_acc_is_an_error(sweep, tmp_path):
     nobase = write_run(tmp_path / "nobase", make_recipe("nobase"), [{"epoch": 0}])
     with pytest.raises(LnsgdError, match="baseline .* has no test/acc"):
         plot_runs([sweep], tmp_path / "out", baseline=nobase)
-    with pytest.raises(LnsgdError, match="is not a run folder"):
-        plot_runs([sweep], tmp_path / "out", baseline=tmp_path)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(LnsgdError, match="not a run folder|no run"):
+        plot_runs([sweep], tmp_path / "out", baseline=tmp_path / "empty")
 
 
 # ------------------------------------------------------------------ comparison
@@ -360,3 +361,27 @@ def test_sharpness_of_different_losses_is_refused_and_one_loss_is_named_on_the_a
     result = plot_runs([noisy, pinned], tmp_path / "out")
     labels = [ax.get_ylabel() for ax in result.figure.axes if "∇²L" in ax.get_ylabel() or "R(θ)" in ax.get_ylabel()]
     assert labels and all(label.endswith(", flip p=0.2 loss") for label in labels), labels
+
+
+def test_a_projected_trace_gets_its_panel_and_the_correlation_reads_it(tmp_path):
+    # track.sharpness.project logs sharp/proj_trace_hessian next to sharp/trace_hessian: both panels,
+    # and the correlation panel pairs test accuracy with the reading at the nearest minimizer.
+    rows = rows_for(0, sharp=False)
+    for r in rows:
+        r["sharp/trace_hessian"], r["sharp/proj_trace_hessian"] = 5.0 + r["epoch"], 50.0 - r["epoch"]
+    write_run(tmp_path / "a", make_recipe("a"), rows)
+    result = plot_runs([tmp_path / "a"], tmp_path / "out")
+    assert result.panels == ["train/acc", "test/acc", "sharp/trace_hessian", "sharp/proj_trace_hessian", "correlation"]
+    titles = [ax.get_title() for ax in result.figure.axes if ax.get_visible()]
+    assert "Sharpness at the nearest minimizer: Hessian trace" in titles
+    corr = [r for r in read_csv(result.files[-1]) if r["panel"] == "correlation"]
+    assert [float(r["x"]) for r in corr] == [50.0, 49.0, 48.0]
+
+
+def test_a_baseline_folder_of_seeds_draws_their_median(sweep, tmp_path):
+    # The demo's runs/demo/baseline holds one run per seed: the line is at their median final test accuracy.
+    for seed, acc in ((0, 0.84), (1, 0.88), (2, 0.87)):
+        write_run(tmp_path / "base" / f"seed={seed}", make_recipe("base", seed=seed), [{"epoch": 0, "test/acc": acc}])
+    result = plot_runs([sweep], tmp_path / "out", baseline=tmp_path / "base", formats=())
+    (row,) = [r for r in read_csv(result.files[-1]) if r["group"] == "baseline" and r["panel"] == "test/acc"]
+    assert float(row["median"]) == 0.87 and row["n_runs"] == "3" and "median of 3" in row["label"]

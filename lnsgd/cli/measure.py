@@ -34,6 +34,11 @@ def measure_sharpness(
     measures: Annotated[
         Optional[list[str]], typer.Option("--measure", help="trace, lambda_max, trace_gn, R (repeatable; default all)")
     ] = None,
+    project: Annotated[
+        bool, typer.Option("--project", help="also measure at the nearest minimizer of the measured loss on the same examples")
+    ] = False,
+    project_tol: Annotated[float, typer.Option("--project-tol", help="with --project: stop once ‖∇L‖₂ is at most this")] = 1e-4,
+    project_steps: Annotated[int, typer.Option("--project-steps", help="with --project: the step cap")] = 500,
     json_out: Annotated[Optional[Path], typer.Option("--json", help="also write the results as JSON")] = None,
     density: Annotated[Optional[Path], typer.Option("--density", help="also draw the SLQ spectral density to this PNG")] = None,
     device: Annotated[str, typer.Option("--device", help="auto, cpu or cuda")] = "auto",
@@ -73,7 +78,8 @@ def measure_sharpness(
         result = measure_checkpoint(
             checkpoint, eta=eta, momentum=momentum, examples=examples, hvps=hvps, top_k=top_k, seed=seed, which=loss,
             measures=tuple(measures) if measures else ("trace", "lambda_max", "trace_gn", "R"), device=device, density=density,
-            progress=progress, trace_method=trace_method, rtol=rtol,
+            progress=progress, trace_method=trace_method, rtol=rtol, project=project, project_tol=project_tol,
+            project_steps=project_steps,
         )  # fmt: skip
     finally:
         display.stop()
@@ -84,20 +90,39 @@ def measure_sharpness(
     spent = f"{hvps} HVPs per estimator, {spent} in all" if spent != hvps else f"{hvps} HVPs"
     table = Table(title=f"sharpness of {checkpoint} — {result['loss']} loss, {result['examples']} examples, {spent}")
     table.add_column("quantity")
-    table.add_column("value", justify="right")
+    table.add_column("at θ" if project else "value", justify="right")
+    proj = result.get("projected")
+    if proj is not None:
+        table.add_column("at the nearest minimizer", justify="right")
     fmt = lambda v, e=None: "—" if v is None else (f"{v:.6g} ± {e:.2g}" if e is not None else f"{v:.6g}")  # noqa: E731
-    table.add_row(f"tr ∇²L ({result['trace_method']})", fmt(result["trace_hessian"], result["trace_hessian_stderr"]))
-    if result["trace_residual"] is not None:
+
+    def row(label: str, key: str, err: str | None = None) -> None:
+        cells = [fmt(result[key], result[err] if err else None)]
+        if proj is not None:
+            cells.append(fmt(proj.get(key), proj.get(err) if err else None))
+        table.add_row(label, *cells)
+
+    row(f"tr ∇²L ({result['trace_method']})", "trace_hessian", "trace_hessian_stderr")
+    if result["trace_residual"] is not None and proj is None:
         table.add_row("  of which tr(∇²L − G)", fmt(result["trace_residual"], result["trace_hessian_stderr"]))
-    table.add_row("λ_max", fmt(result["lambda_max"]))
+    row("λ_max", "lambda_max")
     if result["top_eigenvalues"] and len(result["top_eigenvalues"]) > 1:
-        table.add_row(f"top {len(result['top_eigenvalues'])} eigenvalues", ", ".join(f"{v:.5g}" for v in result["top_eigenvalues"]))
-    table.add_row("tr G (Gauss–Newton, exact)", fmt(result["trace_gn"]))
-    table.add_row(f"R(θ) at η={result['eta']:g}, β={result['momentum']:g}", fmt(result["R"], result["R_stderr"]))
+        table.add_row(f"top {len(result['top_eigenvalues'])} eigenvalues", ", ".join(f"{v:.5g}" for v in result["top_eigenvalues"]),
+                      *([", ".join(f"{v:.5g}" for v in proj["top_eigenvalues"] or [])] if proj is not None else []))  # fmt: skip
+    row("tr G (Gauss–Newton, exact)", "trace_gn")
+    row(f"R(θ) at η={result['eta']:g}, β={result['momentum']:g}", "R", "R_stderr")
     if result["R_bound_eta"]:
-        table.add_row("R defined for η <", f"{result['R_bound_eta']:.4g}")
-    table.add_row("seconds", f"{result['seconds']:.1f}")
+        row("R defined for η <", "R_bound_eta")
+    if proj is not None:
+        p = result["projection"]
+        state = "converged" if p["converged"] else "NOT converged"
+        table.add_row("projection", "", f"{state}: {p['steps']} steps ({p['method']}), moved ‖Δθ‖ = {p['distance']:.4g}")
+        table.add_row("  loss", fmt(p["loss_before"]), fmt(p["loss_after"]))
+        table.add_row("  ‖∇L‖₂", fmt(p["grad_norm_before"]), f"{fmt(p['grad_norm_after'])} (tol {p['tol']:g})")
+    table.add_row("seconds", f"{result['seconds']:.1f}", *([""] if proj is not None else []))
     console.print(table)
+    if result.get("warning"):
+        err_console.print(f"[yellow]warning:[/] {result['warning']}", highlight=False, soft_wrap=True)
     if json_out is not None:
         json_out.parent.mkdir(parents=True, exist_ok=True)
         json_out.write_text(json.dumps(result, indent=2))

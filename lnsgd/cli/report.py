@@ -28,7 +28,9 @@ def plot(
     metrics: Annotated[
         Optional[list[str]], typer.Option("--metrics", help="panel metric (repeatable); replaces the default panels")
     ] = None,
-    baseline: Annotated[Optional[Path], typer.Option("--baseline", help="run whose final test accuracy is drawn dashed")] = None,
+    baseline: Annotated[
+        Optional[Path], typer.Option("--baseline", help="run whose final test accuracy is drawn dashed (a folder of seeds: their median)")
+    ] = None,
     smooth: Annotated[int, typer.Option("--smooth", min=1, help="running-average window of the correlation panel")] = 1,
     ignore: IgnoreOpt = None,
 ) -> None:

@@ -9,6 +9,7 @@ when a figure is drawn.
 from __future__ import annotations
 
 import math
+import statistics
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -64,6 +65,11 @@ METRIC_LABELS = {
     "sharp/lambda_max": ("Sharpness: top Hessian eigenvalue", "λ_max(∇²L(θ))"),
     "sharp/trace_gn": ("Sharpness: Gauss–Newton trace", "tr G(θ)"),
     "sharp/R": ("Implicit regularizer R(θ)", "R(θ)"),
+    "sharp/proj_trace_hessian": ("Sharpness at the nearest minimizer: Hessian trace", "tr ∇²L(Φ(θ))"),
+    "sharp/proj_lambda_max": ("Sharpness at the nearest minimizer: top eigenvalue", "λ_max(∇²L(Φ(θ)))"),
+    "sharp/proj_trace_gn": ("Sharpness at the nearest minimizer: Gauss–Newton trace", "tr G(Φ(θ))"),
+    "sharp/proj_R": ("Implicit regularizer at the nearest minimizer", "R(Φ(θ))"),
+    "sharp/proj_distance": ("Distance to the nearest minimizer", "‖Φ(θ) − θ‖₂"),
     "throughput/img_per_s": ("Throughput", "images / s"),
 }
 
@@ -93,10 +99,13 @@ def _panel_list(
     notes = []
     present = {k for r in runs for row in r.rows for k in row}
     sharp_default = next((m for m in ("sharp/R", "sharp/trace_hessian") if _has_metric(runs, m)), None)
+    # Measured at the nearest minimizer too (track.sharpness.project): that panel as well, and the
+    # correlation panel on it, the theory's reading.
+    projected = next((m for m in ("sharp/proj_R", "sharp/proj_trace_hessian") if _has_metric(runs, m)), None)
     if metrics is None:
         wanted = ["train/acc", "test/acc", *([GAP] if _has_metric(runs, GAP) else []), sharp_default or "sharp/R",
-                  CORRELATION]
-        sharp = sharp_default
+                  *([projected] if projected else []), CORRELATION]  # fmt: skip
+        sharp = projected or sharp_default
     else:
         wanted = list(dict.fromkeys(metrics))
         if not wanted:
@@ -198,17 +207,25 @@ def plot_runs(
 
 @dataclass
 class _Baseline:
-    """The run whose final test accuracy is drawn as a dashed reference line."""
+    """The final test accuracy drawn as a dashed reference line: one run's, or the median of several seeds'."""
 
-    run: Run
+    name: str
     test_acc: float
+    runs: int = 1
 
 
 def _load_baseline(baseline: str | Path | Run | None) -> _Baseline | None:
+    """A run folder, or a folder with runs below it (seeds of one baseline: their median)."""
     if baseline is None:
         return None
-    run = baseline if isinstance(baseline, Run) else load_run(baseline)
-    return _Baseline(run=run, test_acc=_final_test_acc(run))
+    if isinstance(baseline, Run):
+        return _Baseline(baseline.name, _final_test_acc(baseline))
+    path = Path(baseline)
+    if path.is_dir() and not (path / METRICS_FILE).exists():
+        runs = as_runs(path)  # a folder of seeds, e.g. the demo's runs/demo/baseline
+        return _Baseline(f"{path.name}, median of {len(runs)}", statistics.median(_final_test_acc(r) for r in runs), len(runs))
+    run = load_run(path)
+    return _Baseline(run.name, _final_test_acc(run))
 
 
 def _final_test_acc(run: Run) -> float:
@@ -402,8 +419,8 @@ def _draw_correlation(ax, groups, curves, sharp, smooth, colours, labels) -> lis
 
 def _draw_baseline(ax, panel: str, base: _Baseline, x: str) -> tuple:
     """A dashed line at the baseline's final test accuracy; returns its CSV row."""
-    ax.axhline(base.test_acc, color="0.3", ls="--", lw=1.2, label=f"baseline: {base.run.name} ({base.test_acc:.1%})")
-    return (panel, "baseline", base.run.name, x, "", "test/acc", base.test_acc, "", "", 1)
+    ax.axhline(base.test_acc, color="0.3", ls="--", lw=1.2, label=f"baseline: {base.name} ({base.test_acc:.1%})")
+    return (panel, "baseline", base.name, x, "", "test/acc", base.test_acc, "", "", base.runs)
 
 
 def _add_legend(fig, axes) -> None:

@@ -52,6 +52,11 @@ KNOWN_METRICS = (
     "sharp/lambda_max",
     "sharp/trace_gn",
     "sharp/R",
+    "sharp/proj_trace_hessian",
+    "sharp/proj_lambda_max",
+    "sharp/proj_trace_gn",
+    "sharp/proj_R",
+    "sharp/proj_distance",
     "throughput/img_per_s",
 )
 
