@@ -5,7 +5,7 @@ from __future__ import annotations
 import shlex
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Optional
 
 import typer
 
@@ -152,7 +152,11 @@ def init_adversarial(recipe: AdversarialRecipeArg, overrides: OverridesArg = Non
 def demo(
     out: Annotated[Path, typer.Option("--out", help="output folder (run folders, demo.png, summary.json)")] = Path("runs/demo"),
     force: ForceOpt = False,
-    seed: Annotated[int, typer.Option("--seed", help="seed of every stage")] = 0,
+    seed: Annotated[int, typer.Option("--seed", help="the first seed; the arms and baselines run seeds seed … seed+seeds−1")] = 0,
+    seeds: Annotated[int, typer.Option("--seeds", help="seeds per arm (and baseline), all from one init")] = 3,
+    jobs: Annotated[
+        Optional[int], typer.Option("--jobs", help="stages run at once, one process and one CPU thread each (default: the CPUs, ≤ 6)")
+    ] = None,
     fullbatch: Annotated[
         bool, typer.Option("--fullbatch/--no-fullbatch", help="also build and escape a full-batch GD init (adds minutes on a CPU)")
     ] = False,
@@ -163,14 +167,22 @@ def demo(
 
     Example: lnsgd demo --out runs/demo
     """
+    import os
+
     from lnsgd.demo import demo_table, run_demo
 
-    results = run_demo(out, force=force, seed=seed, quick=quick, fullbatch=fullbatch,
-                       progress_factory=lambda: progress_for(quiet), console=err_console)  # fmt: skip
+    jobs = min(os.cpu_count() or 1, 6) if jobs is None else jobs
+    results = run_demo(out, force=force, seed=seed, seeds=seeds, jobs=jobs, quick=quick, fullbatch=fullbatch,
+                       progress_factory=lambda: progress_for(quiet), console=None if quiet else err_console)  # fmt: skip
     console.print(demo_table(results))
+    n = len(results["seeds"])
+    console.print(f"checks, on the medians over {n} seed{'s' * (n > 1)} (and how many seeds pass each on their own numbers):")
     for name, ok in results["checks"].items():
         mark = "[green]yes[/]" if ok else "[red]no[/]"
-        console.print(f"  {name.replace('_', ' ')}: {mark}")
+        passed, total = results["seed_checks"].get(name, (None, None))
+        console.print(f"  {name.replace('_', ' ')}: {mark}" + (f" ({passed}/{total} seeds)" if passed is not None else ""))
+    for note in results["notes"]:
+        console.print(f"  [yellow]*[/] {note}", highlight=False)
     console.print(f"results: {out}/summary.json, figure: {results['figure']}, runs: {out}/*/", highlight=False, soft_wrap=True)
 
 
