@@ -154,6 +154,17 @@ def assert_same_run(reference: Path, run: Path, epochs: int = LONG_EPOCHS) -> No
     assert strip_timing(read_jsonl(reference / "metrics.jsonl")) == strip_timing(rows)
 
 
+def assert_requeued_and_done(tmp_path: Path, sweep_dir: Path, job: str, reference: Path, epochs: int, *log_says: str) -> None:
+    """The sweep saw the requeue and the end, the point is done in its one job, and the run is the reference's."""
+    out = (tmp_path / "sweep.log").read_text()
+    assert "requeued seed=0" in out and "done   seed=0" in out and "interrupted" not in out, out
+    (point,) = read_sweep(sweep_dir)["points"]
+    assert point["status"] == "done" and point["job_id"] == job and point["requeues"] >= 1, point
+    logs = "".join(p.read_text() for p in (sweep_dir / "submitit").glob("*_log.*"))
+    assert all(s in logs for s in log_says), logs[-2000:]
+    assert_same_run(reference, sweep_dir / "seed=0", epochs)
+
+
 # --------------------------------------------------------------------------- the ordinary path
 
 
@@ -217,12 +228,7 @@ def test_scontrol_requeue_checkpoints_resumes_and_the_sweep_keeps_watching(tmp_p
     finally:
         if proc.poll() is None:
             proc.kill()
-    out = (tmp_path / "sweep.log").read_text()
-    assert "requeued seed=0" in out and "done   seed=0" in out and "interrupted" not in out, out
-    (point,) = read_sweep(sweep_dir)["points"]
-    assert point["status"] == "done" and point["job_id"] == job and point["requeues"] >= 1
-    assert "stopped by SIGTERM" in "".join(p.read_text() for p in (sweep_dir / "submitit").glob("*_log.out"))
-    assert_same_run(long_reference, run)
+    assert_requeued_and_done(tmp_path, sweep_dir, job, long_reference, LONG_EPOCHS, "stopped by SIGTERM")
 
 
 def test_rerunning_the_sweep_while_its_job_is_requeued_starts_no_second_job(tmp_path, sweeps, long_reference):
@@ -265,8 +271,9 @@ def test_rerunning_the_sweep_while_its_job_is_requeued_starts_no_second_job(tmp_
 # --------------------------------------------------------------------------- time limit and preemption
 
 # Runs long enough that Slurm's time-limit warning (USR2, sent at slurmctld's next time-limit
-# check, within ~30 s of the start when the limit is 1 minute) comes in the middle of training.
-TIME_LIMITED_EPOCHS = 7000
+# check, within ~30 s of the start when the limit is 1 minute) comes in the middle of training:
+# 7000 epochs took 26 s in CI and the warning came just after the end; 12000 take 45-70 s here.
+TIME_LIMITED_EPOCHS = 12000
 TIME_LIMITED = {"train": {"epochs": TIME_LIMITED_EPOCHS, "checkpoint_every": 100_000}}
 
 
@@ -289,13 +296,7 @@ def test_a_real_time_limit_checkpoints_requeues_and_resumes_exactly(tmp_path, sw
     finally:
         if proc.poll() is None:
             proc.kill()
-    out = (tmp_path / "sweep.log").read_text()
-    assert "requeued seed=0" in out and "done   seed=0" in out and "interrupted" not in out, out
-    (point,) = read_sweep(sweep_dir)["points"]
-    assert point["status"] == "done" and point["job_id"] == job and point["requeues"] >= 1, point
-    logs = "".join(p.read_text() for p in (sweep_dir / "submitit").glob("*_log.out"))
-    assert "this job is timed-out" in logs, logs[-2000:]
-    assert_same_run(reference, sweep_dir / "seed=0", TIME_LIMITED_EPOCHS)
+    assert_requeued_and_done(tmp_path, sweep_dir, job, reference, TIME_LIMITED_EPOCHS, "this job is timed-out")
 
 
 PREEMPTED_EPOCHS = 3000
@@ -327,13 +328,7 @@ def test_preemption_by_the_high_priority_partition_requeues_and_resumes_exactly(
             proc.kill()
         if preemptor:
             subprocess.run(["scancel", preemptor], capture_output=True, timeout=30)
-    out = (tmp_path / "sweep.log").read_text()
-    assert "requeued seed=0" in out and "done   seed=0" in out and "interrupted" not in out, out
-    (point,) = read_sweep(sweep_dir)["points"]
-    assert point["status"] == "done" and point["job_id"] == job and point["requeues"] >= 1, point
-    logs = "".join(p.read_text() for p in (sweep_dir / "submitit").glob("*_log.*"))
-    assert "stopped by SIGTERM" in logs and "PREEMPTION" in logs, logs[-2000:]
-    assert_same_run(reference, sweep_dir / "seed=0", PREEMPTED_EPOCHS)
+    assert_requeued_and_done(tmp_path, sweep_dir, job, reference, PREEMPTED_EPOCHS, "stopped by SIGTERM", "PREEMPTION")
 
 
 def test_sigterm_then_usr2_as_submitit_simulates_preemption_requeues_and_resumes_exactly(tmp_path, sweeps, long_reference):
