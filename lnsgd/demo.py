@@ -36,7 +36,7 @@ from pathlib import Path
 
 import torch
 
-from lnsgd.errors import LnsgdError
+from lnsgd.errors import LnsgdError, RunInterrupted
 from lnsgd.recipe import Recipe, recipe_from_dict, recipe_to_dict, with_overrides
 from lnsgd.runtime import claim_folder
 from lnsgd.track import write_atomic
@@ -237,16 +237,22 @@ def _run_demo(out: Path, seeds: list[int], jobs: int, quick: bool, progress_fact
     ready, arms = demo_stages(out, seeds, quick, inits)
     total = len(ready) + sum(len(a) for a in arms.values())
     points: dict[str, dict] = {}
-    say(f"lnsgd demo: {total} stages ({len(seeds)} seeds), {jobs} at a time")
-    if jobs == 1:  # in this process, one stage after the other, each with its own progress bar
-        queue = list(ready)
-        while queue:
-            stage = queue.pop(0)
-            say(f"[bold]{len(points) + 1}/{total}[/] {stage.label}")
-            points[stage.key] = run_stage(stage, progress_factory())
-            queue += arms.get(stage.key, [])
-    else:
-        _run_parallel(ready, arms, jobs, total, points, say, progress_factory)
+    say(f"lnsgd demo: {total} stages ({len(seeds)} seed{'s' * (len(seeds) > 1)}), {jobs} at a time")
+    try:
+        if jobs == 1:  # in this process, one stage after the other, each with its own progress bar
+            queue = list(ready)
+            while queue:
+                stage = queue.pop(0)
+                say(f"[bold]{len(points) + 1}/{total}[/] {stage.label}")
+                points[stage.key] = run_stage(stage, progress_factory())
+                queue += arms.get(stage.key, [])
+        else:
+            _run_parallel(ready, arms, jobs, total, points, say, progress_factory)
+    except (KeyboardInterrupt, RunInterrupted) as e:
+        # A stage's own message would offer --resume, which the demo does not have.
+        how = "Ctrl-C" if isinstance(e, KeyboardInterrupt) or "SIGINT" in str(e) else "a signal"
+        raise RunInterrupted(f"demo stopped by {how} after {len(points)} of {total} stages; its finished stages are in {out}; "
+                             "start over with --force") from None
     results = summarize(points, seeds, inits)
     results["seconds"] = round(time.perf_counter() - started, 1)
     results["jobs"] = jobs
@@ -267,8 +273,6 @@ def _run_parallel(ready: list[Stage], arms: dict[str, list[Stage]], jobs: int, t
     import multiprocessing
     from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 
-    from lnsgd.errors import RunInterrupted
-
     bar = progress_factory()
     bar.start(total, 0, "demo stages", unit="stages")
     pool = ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn"))
@@ -287,10 +291,7 @@ def _run_parallel(ready: list[Stage], arms: dict[str, list[Stage]], jobs: int, t
                 bar.advance(len(points), {})
                 for arm in arms.get(stage.key, []):
                     running[pool.submit(run_stage, arm)] = arm
-    except KeyboardInterrupt:
-        # Ctrl-C reached the workers too (one process group): their runs checkpoint and stop.
-        raise RunInterrupted("demo stopped by Ctrl-C; its run folders keep their checkpoints; start over with --force") from None
-    finally:
+    finally:  # Ctrl-C reaches the workers too (one process group): their runs checkpoint and stop
         bar.stop()
         pool.shutdown(wait=True, cancel_futures=True)
 
@@ -418,7 +419,10 @@ def demo_figure(results: dict, path: Path) -> Path:
             if curve:
                 xs, med, lo, hi = zip(*curve)
                 ax.plot(xs, [scale * y for y in med], style, color=colours[kind], label=label, lw=2)
-                ax.fill_between(xs, [scale * y for y in lo], [scale * y for y in hi], color=colours[kind], alpha=0.15, lw=0)
+                # Plain SGD's band hatched, label noise's filled: the two arms share their init's colour.
+                band = {"alpha": 0.18} if arm == "label_noise" else {"alpha": 0.35, "hatch": "///", "facecolor": "none"}
+                ax.fill_between(xs, [scale * y for y in lo], [scale * y for y in hi], edgecolor=colours[kind], lw=0,
+                                **({"color": colours[kind]} if arm == "label_noise" else {}), **band)  # fmt: skip
     b = results["baseline"]
     ax_acc.axhline(100 * b["test_acc"], ls="--", color="black", label="SGD baseline (random init), median")
     if b["test_acc_range"]:
@@ -442,8 +446,8 @@ def demo_figure(results: dict, path: Path) -> Path:
     ax_proj.set(ylabel="tr ∇²L at the nearest minimizer", title="Sharpness on Γ at the end (hollow: not converged)")
     for ax in (ax_acc, ax_tr, ax_proj):
         ax.grid(alpha=0.3)
-    for ax in (ax_acc, ax_tr):
-        ax.legend(fontsize=8)
+    ax_acc.legend(fontsize=8, loc="lower right")  # above the curves sits the baseline
+    ax_tr.legend(fontsize=8)
     fig.savefig(path, dpi=120)
     return path
 

@@ -700,6 +700,16 @@ def project_to_minimizer(
         projected = projected.float()  # descending in bf16/fp16 cannot reach a small gradient norm
     _, params = trainable_parameters(projected)
     dtype = params[0].dtype
+    dim = sum(p.numel() for p in params)
+    # Parameter-sized vectors kept at once: Lanczos' basis at the start, then L-BFGS's pairs and work vectors.
+    kept = max(min(lanczos_iters, dim), (2 * history if method == "lbfgs" else 0) + 6)
+    need, free = kept * dim * params[0].element_size(), free_memory(params[0].device)
+    if free is not None and need > free:
+        raise LnsgdError(
+            f"the projection keeps {kept} vectors of {dim:,} parameters, {need / 2**30:.1f} GiB, and {params[0].device} has "
+            f"{free / 2**30:.1f} GiB free: lower history (now {history}) or lanczos_iters (now {lanczos_iters}), or measure without "
+            "projecting (drop --project / track.sharpness.project)"
+        )
     # Where differences of L drown in rounding, the line search decides on slopes instead.
     rounding = max(1e-6, 100 * torch.finfo(dtype).eps)
     evaluations = 0

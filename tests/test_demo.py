@@ -147,3 +147,25 @@ def test_demo_bad_seeds_or_jobs_are_one_line_and_write_nothing(cli, tmp_path):
         out = tmp_path / f"demo{fragment}"
         assert fragment in one_line_error(cli("demo", "--quick", *args, "--out", out, "--quiet"))
         assert not out.exists()
+
+
+def test_ctrl_c_during_a_parallel_demo_is_one_line_exit_130_and_leaves_no_worker(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "demo"
+    cmd = [sys.executable, "-m", "lnsgd", "demo", "--quick", "--seeds", "8", "--jobs", "2", "--out", str(out), "--quiet"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    deadline = time.time() + 60
+    while time.time() < deadline and not list(out.glob("*/seed=*/metrics.jsonl")):
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in a terminal does: the whole process group
+    stdout, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 130, (stdout, stderr)
+    assert stderr.count("\n") == 1 and stderr.startswith("error: demo stopped by Ctrl-C after "), stderr
+    assert "--force" in stderr and "--resume" not in stderr and "Traceback" not in stderr
+    alive = subprocess.run(["pgrep", "-f", str(out)], capture_output=True, text=True).stdout.split()
+    assert not alive, f"worker processes left behind: {alive}"

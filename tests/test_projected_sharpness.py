@@ -141,3 +141,22 @@ def _stream_seed(seed: int, stream: str) -> int:
     from lnsgd.runtime import stream_seed
 
     return stream_seed(seed, stream)
+
+
+def test_a_projection_that_cannot_fit_in_memory_is_one_line_before_any_step(cli, small_ckpt, monkeypatch):
+    from lnsgd import sharpness
+
+    before = weights(small_ckpt)
+    monkeypatch.setattr(sharpness, "free_memory", lambda device: None)  # the measurement at θ fits
+    calls = []
+    real = sharpness.project_to_minimizer
+
+    def spy(*args, **kwargs):
+        monkeypatch.setattr(sharpness, "free_memory", lambda device: 1000)  # bytes: less than 30 vectors of ~600 floats
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(sharpness, "project_to_minimizer", spy)
+    line = one_line_error(cli("measure-sharpness", small_ckpt, "--project", "--measure", "trace", "--quiet"))
+    assert calls and "the projection keeps 30 vectors" in line and "--project" in line, line
+    assert same_weights(before, weights(small_ckpt))
