@@ -214,7 +214,11 @@ def demo_stages(out: Path, seeds: Sequence[int], quick: bool, inits: Sequence[st
 def run_demo(out: Path, *, force: bool = False, seed: int = 0, seeds: int = SEEDS, jobs: int = 1, quick: bool = False,
              progress_factory=None, console=None, fullbatch: bool = False) -> dict:  # fmt: skip
     """Run the whole study into ``out`` — ``seeds`` seeds from ``seed`` on, ``jobs`` stages at a time — and
-    return (and write) the summary."""
+    return (and write) the summary.
+
+    With ``jobs`` > 1 the stages run in spawned processes, which import the caller's main
+    module: from a script, call this under ``if __name__ == "__main__":`` (the CLI does).
+    """
     from lnsgd.track import Progress
 
     if isinstance(seeds, bool) or not isinstance(seeds, int) or seeds < 1:

@@ -35,8 +35,8 @@ def tiny(args: list[str]) -> list[str]:
         return [cmd, *rest, *epochs, *memorize, "init.allow_unconverged=true"]
     if cmd == "theory":
         return [cmd, *rest, "theory.steps=200", "theory.eval_every=100", "theory.fit_steps=10"]
-    if cmd == "demo":
-        return [cmd, *rest, "--quick"]
+    if cmd == "demo":  # two seeds at the smoke-test size: still a folder of seeds for plot --baseline
+        return [cmd, *rest, "--quick", *([] if "--seeds" in rest else ["--seeds", "2"])]
     if cmd == "measure-sharpness":
         return [cmd, *rest, "--examples", "64"]
     if cmd == "bench":
