@@ -331,8 +331,16 @@ def sharpness_of_model(model: nn.Module, recipe: Recipe, data: Data, *, measures
     return result
 
 
-def projection_warning(report: Projection, where: str = "") -> str | None:
-    """One line saying a projection did not reach its tolerance (None when it did)."""
+def projection_warning(report: Projection, where: str = "", no_minimizer: bool = False) -> str | None:
+    """One line saying a projection did not reach its tolerance, or reached it on a loss without
+    a minimizer (``no_minimizer``: see ``has_no_minimizer``); None otherwise."""
+    if no_minimizer and report.converged:
+        return (
+            f"projection{where}: the clean cross-entropy has no minimizer where the model fits its examples (the loss falls "
+            f"towards 0 only as the logits grow); ‖∇L‖ ≤ tol {report.tol:g} was reached at loss {report.loss_after:.3g}, "
+            f"{report.distance:.3g} from θ, a point set by the tolerance, not a point of Γ — measure an expected loss with a "
+            "minimizer instead (--loss flip:0.2, track.sharpness.loss: flip:0.2)"
+        )
     if report.converged:
         return None
     why = "no further step lowered the loss" if report.stop_reason == "line_search" else f"after {report.steps} steps (the cap)"
@@ -342,6 +350,14 @@ def projection_warning(report: Projection, where: str = "") -> str | None:
         "tol, or measure "
         "a loss with a minimizer on these examples (an expected loss under label noise has one; the clean one may not)"
     )
+
+
+def has_no_minimizer(recipe: Recipe, which: str, report: Projection, examples: int) -> bool:
+    """Whether the projection ended on a loss without a finite minimizer: the clean cross-entropy
+    at a point that classifies every example correctly (a mean loss below ln 2/n: one wrong
+    example alone adds at least that), where scaling the logits up lowers the loss further."""
+    clean_ce = recipe.loss == "cross_entropy" and measured_loss_label(recipe, which) == "clean"
+    return clean_ce and report.loss_after < math.log(2) / examples
 
 
 def _check_projection(tol, steps) -> None:
@@ -364,6 +380,7 @@ def training_hook(recipe: Recipe, loss_recipe: Recipe | None = None):
     if cfg is None:
         return None
     keys = ("sharp/trace_hessian", "sharp/trace_hessian_stderr", "sharp/lambda_max", "sharp/trace_gn", "sharp/R")
+    warned: list[int] = []
 
     def hook(model: nn.Module, data: Data, phase: str, epoch: int) -> dict:
         if epoch % cfg.every:
@@ -377,9 +394,11 @@ def training_hook(recipe: Recipe, loss_recipe: Recipe | None = None):
         row["sharp/loss"] = measured_loss_label(loss_recipe, cfg.loss)
         if cfg.project:
             row.update({k: v for k, v in result.items() if k.startswith("sharp/proj_") and k != "sharp/proj_top_eigenvalues"})
-            warning = projection_warning(result["projection"], f" at {phase} epoch {epoch}")
-            if warning:
+            no_minimizer = has_no_minimizer(loss_recipe, cfg.loss, result["projection"], result["examples"])
+            warning = projection_warning(result["projection"], f" at {phase} epoch {epoch}", no_minimizer)
+            if warning and not (no_minimizer and warned):  # the loss's lack of a minimizer is said once per run
                 print(f"lnsgd: warning: {warning}", file=sys.stderr, flush=True)
+                warned.append(epoch)
         return row
 
     return hook
@@ -451,7 +470,7 @@ def measure_checkpoint(path, *, eta: float | None = None, momentum: float | None
         out["projected"] = {k: result.get(f"sharp/proj_{k}") for k in PROJECTED_KEYS}
         out["projected"]["R_bound_eta"] = eta_bound(out["projected"]["lambda_max"], momentum) if out["projected"]["lambda_max"] else None
         out["projection"] = report.as_dict(prefix="")
-        out["warning"] = projection_warning(report)
+        out["warning"] = projection_warning(report, no_minimizer=has_no_minimizer(recipe, which, report, examples))
     if density is not None:
         inputs, targets = evaluation_subset(data, recipe, examples)
         op, dim = curvature.hessian_matvec(model, measured_loss(recipe, data.num_classes, which), inputs, targets)

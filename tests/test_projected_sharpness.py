@@ -160,3 +160,20 @@ def test_a_projection_that_cannot_fit_in_memory_is_one_line_before_any_step(cli,
     line = one_line_error(cli("measure-sharpness", small_ckpt, "--project", "--measure", "trace", "--quiet"))
     assert calls and "the projection keeps 30 vectors" in line and "--project" in line, line
     assert same_weights(before, weights(small_ckpt))
+
+
+def test_projecting_the_clean_cross_entropy_of_a_fitting_model_warns_that_it_has_no_minimizer(cli, small_ckpt, tmp_path):
+    # One-hot targets: once every example is classified right, the loss falls towards 0 only as
+    # the logits grow, so ‖∇L‖ ≤ tol is reached at a point the tolerance picks, not on Γ.
+    out = tmp_path / "m.json"
+    res = cli("measure-sharpness", small_ckpt, "--project", "--loss", "clean", "--examples", "30", "--measure", "trace",
+              "--json", out, "--quiet")  # fmt: skip
+    assert res.exit_code == 0, res.output
+    m = json.loads(out.read_text())
+    assert m["projection"]["converged"] and m["projection"]["loss_after"] < 0.693 / 30  # every example right
+    assert "has no minimizer" in m["warning"] and "flip:0.2" in m["warning"]
+    assert "warning: projection: the clean cross-entropy has no minimizer" in res.output
+    # The expected loss under flip noise has one: no warning there.
+    res = cli("measure-sharpness", small_ckpt, "--project", "--examples", "30", "--project-steps", "3000", "--measure", "trace",
+              "--json", out, "--quiet")  # fmt: skip
+    assert json.loads(out.read_text())["warning"] is None
