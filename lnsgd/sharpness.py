@@ -313,7 +313,7 @@ def sharpness_of_model(model: nn.Module, recipe: Recipe, data: Data, *, measures
                   momentum=recipe.optim.momentum if momentum is None else momentum, skip_undefined_R=skip_undefined_R,
                   trace_method=trace_method, rtol=rtol)  # fmt: skip
     if project:  # checked before any product is spent
-        _check_projection(project_tol, project_steps)
+        check_projection_settings(project_tol, project_steps, ("project_tol", "project_steps"))
     generator = torch.Generator(device=device).manual_seed(generator_seed)
     result = measure_sharpness(model, loss_fn, inputs, targets, generator=generator, progress=progress, **kwargs)
     if project:
@@ -347,8 +347,7 @@ def projection_warning(report: Projection, where: str = "", no_minimizer: bool =
     return (
         f"projection{where} did not converge: ‖∇L‖ = {report.grad_norm_after:.3g} > tol {report.tol:g} {why}; the "
         f"values at the projection (sharp/proj_*) are at its last point, {report.distance:.3g} from θ — raise the step cap or "
-        "tol, or measure "
-        "a loss with a minimizer on these examples (an expected loss under label noise has one; the clean one may not)"
+        "tol, or measure a loss with a minimizer on these examples (an expected loss under label noise has one; the clean one may not)"
     )
 
 
@@ -360,11 +359,15 @@ def has_no_minimizer(recipe: Recipe, which: str, report: Projection, examples: i
     return clean_ce and report.loss_after < math.log(2) / examples
 
 
-def _check_projection(tol, steps) -> None:
+def check_projection_settings(tol, max_steps, names: tuple[str, str] = ("tol", "max_steps")) -> None:
+    """A positive gradient-norm tolerance and a positive integer step cap, or one ``LnsgdError``
+    naming the caller's argument (``names``)."""
     if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not (0 < tol < math.inf):
-        raise LnsgdError(f"the projection's tolerance must be a positive number (e.g. 1e-4); got {tol!r}")
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-        raise LnsgdError(f"the projection's step cap must be a positive integer (e.g. 500); got {steps!r}")
+        raise LnsgdError(f"{names[0]} must be a positive number, the gradient norm to stop at (e.g. {names[0]}=1e-4); got {tol!r}")
+    if isinstance(max_steps, bool) or not isinstance(max_steps, int) or max_steps < 1:
+        raise LnsgdError(
+            f"{names[1]} must be a positive integer, the cap on descent steps (e.g. {names[1]}=500); got {max_steps!r}"
+        )
 
 
 def training_hook(recipe: Recipe, loss_recipe: Recipe | None = None):
@@ -698,10 +701,7 @@ def project_to_minimizer(
     caller's model, its parameters and every generator (torch's global one included) are
     left untouched; parameters without ``requires_grad`` and buffers are not moved.
     """
-    if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not (0 < tol < math.inf):
-        raise LnsgdError(f"tol must be a positive number, the gradient norm to stop at (e.g. tol=1e-4); got {tol!r}")
-    if isinstance(max_steps, bool) or not isinstance(max_steps, int) or max_steps < 1:
-        raise LnsgdError(f"max_steps must be a positive integer, the cap on descent steps (e.g. max_steps=500); got {max_steps!r}")
+    check_projection_settings(tol, max_steps)
     if method not in PROJECTION_METHODS:
         raise LnsgdError(f"method must be one of {', '.join(PROJECTION_METHODS)} (e.g. method='lbfgs'); got {method!r}")
     if isinstance(step_scale, bool) or not isinstance(step_scale, (int, float)) or not 0 < step_scale < 2:
