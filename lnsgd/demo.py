@@ -105,8 +105,6 @@ def arm_recipe(stages: dict[str, Recipe], init: str, arm: str, init_checkpoint: 
     return recipe_from_dict(raw, source="demo")
 
 
-
-
 # ---------------------------------------------------------------------------
 # Stages: each one trains (or builds an init) into its run folder and measures its end point.
 # ---------------------------------------------------------------------------
@@ -435,7 +433,7 @@ def demo_figure(results: dict, path: Path) -> Path:
     ax_tr.set(xlabel="epoch", ylabel="tr ∇²L(θ) (flip p=0.2 expected loss)", title="Sharpness at the iterate", yscale="log")
     # End points at their nearest minimizers: one dot per seed (hollow: not converged), a bar at the median.
     rows = [("baseline", list(b["per_seed"].values()), "black")]
-    rows += [(f"{k} init", list(b["per_seed"].values()), colours[k]) for k, b in results["inits"].items()]
+    rows += [(f"{k} init", list(init["per_seed"].values()), colours[k]) for k, init in results["inits"].items()]
     rows += [(f"→ {'LN' if k.endswith('label_noise') else 'SGD'} ({k.split('/')[0][:3]})", list(r["per_seed"].values()),
               colours[k.split("/")[0]]) for k, r in results["runs"].items()]  # fmt: skip
     for i, (_, points, colour) in enumerate(rows):

@@ -115,6 +115,15 @@ def training(sweep_dir: Path, run_dir: Path) -> str:
     return job
 
 
+def one_point_sweep(tmp_path: Path, sweeps: list[Path], extra: dict, *args: str) -> tuple[Path, subprocess.Popen]:
+    """`lnsgd sweep --grid seed=0` of the tiny recipe with ``extra`` (options ``args``, default CPU1), started as
+    its own process; its jobs are cancelled by the ``sweeps`` fixture after the test."""
+    recipe = write_tiny(tmp_path, extra)
+    sweep_dir = tmp_path / "runs" / "tiny-seed"
+    sweeps.append(sweep_dir)
+    return sweep_dir, start_sweep(recipe, "--grid", "seed=0", *(args or CPU1))
+
+
 def requeue_when_training(sweep_dir: Path, run_dir: Path) -> str:
     """`scontrol requeue` the point's job once it has trained a few epochs.
 
@@ -214,13 +223,9 @@ def test_a_refused_submission_is_one_line_naming_the_option_and_leaves_nothing(t
 
 
 def test_scontrol_requeue_checkpoints_resumes_and_the_sweep_keeps_watching(tmp_path, sweeps, long_reference):
-    recipe = write_tiny(tmp_path, LONG)
-    sweep_dir = tmp_path / "runs" / "tiny-seed"
-    run = sweep_dir / "seed=0"
-    sweeps.append(sweep_dir)
-    proc = start_sweep(recipe, "--grid", "seed=0", *CPU1)
+    sweep_dir, proc = one_point_sweep(tmp_path, sweeps, LONG)
     try:
-        job = requeue_when_training(sweep_dir, run)
+        job = requeue_when_training(sweep_dir, sweep_dir / "seed=0")
         until(lambda: read_sweep(sweep_dir)["points"][0]["status"] == "requeued", 20, "the sweep to show the requeue")
         assert proc.poll() is None, "the sweep must keep watching a requeued job"
         release(job)
@@ -278,12 +283,8 @@ TIME_LIMITED = {"train": {"epochs": TIME_LIMITED_EPOCHS, "checkpoint_every": 100
 
 
 def test_a_real_time_limit_checkpoints_requeues_and_resumes_exactly(tmp_path, sweeps):
-    recipe = write_tiny(tmp_path, TIME_LIMITED)
-    sweep_dir = tmp_path / "runs" / "tiny-seed"
-    sweeps.append(sweep_dir)
     # --timeout-min 1: every attempt gets USR2 (the warning, 90 s before a limit of 60 s) and requeues itself.
-    args = ("--grid", "seed=0", *CPU1[:-2], "--timeout-min", "1", "--max-requeues", "8")
-    proc = start_sweep(recipe, *args)
+    sweep_dir, proc = one_point_sweep(tmp_path, sweeps, TIME_LIMITED, *CPU1[:-2], "--timeout-min", "1", "--max-requeues", "8")
     try:
         job = training(sweep_dir, sweep_dir / "seed=0")
         reference = reference_run(tmp_path / "reference", TIME_LIMITED)  # on the other core, while the job trains
@@ -304,10 +305,7 @@ PREEMPTED = {"train": {"epochs": PREEMPTED_EPOCHS, "checkpoint_every": 100_000}}
 
 
 def test_preemption_by_the_high_priority_partition_requeues_and_resumes_exactly(tmp_path, sweeps):
-    recipe = write_tiny(tmp_path, PREEMPTED)
-    sweep_dir = tmp_path / "runs" / "tiny-seed"
-    sweeps.append(sweep_dir)
-    proc = start_sweep(recipe, "--grid", "seed=0", *CPU1)
+    sweep_dir, proc = one_point_sweep(tmp_path, sweeps, PREEMPTED)
     preemptor = None
     try:
         job = training(sweep_dir, sweep_dir / "seed=0")
@@ -333,10 +331,7 @@ def test_preemption_by_the_high_priority_partition_requeues_and_resumes_exactly(
 
 def test_sigterm_then_usr2_as_submitit_simulates_preemption_requeues_and_resumes_exactly(tmp_path, sweeps, long_reference):
     # submitit's own job._interrupt(): `scancel --signal SIGTERM`, then `scancel --signal USR2`, in a row.
-    recipe = write_tiny(tmp_path, LONG)
-    sweep_dir = tmp_path / "runs" / "tiny-seed"
-    sweeps.append(sweep_dir)
-    proc = start_sweep(recipe, "--grid", "seed=0", *CPU1)
+    sweep_dir, proc = one_point_sweep(tmp_path, sweeps, LONG)
     try:
         job = training(sweep_dir, sweep_dir / "seed=0")
         for sig in ("SIGTERM", "USR2"):
